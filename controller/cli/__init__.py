@@ -1,0 +1,69 @@
+"""The `cube` command: thin parsing and rendering over library functions.
+
+Each concern registers its commands from its own module (local.py, remote.py, lab.py, serve.py),
+so no file here grows into a 2,000-line main.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from controller import __version__
+from controller.errors import CubeError
+
+app = typer.Typer(
+    name="cube",
+    help="Run ML projects (cubes) here or on your own machines over SSH.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cube {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    if debug:
+        os.environ["CUBE_DEBUG"] = "1"
+
+
+def _register() -> None:
+    # Imported for their side effect: each adds its commands to `app`.
+    from controller.cli import local, remote, lab, serve  # noqa: F401
+
+
+def main() -> None:
+    _register()
+    try:
+        rv = app(standalone_mode=False)
+        # In non-standalone mode click returns typer.Exit's code instead of exiting.
+        sys.exit(rv if isinstance(rv, int) else 0)
+    except CubeError as err:
+        if os.environ.get("CUBE_DEBUG"):
+            raise
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as err:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise

@@ -1,0 +1,3 @@
+"""`cube` commands: serve (placeholder until its module lands)."""
+
+from controller.cli import app  # noqa: F401

@@ -1,0 +1,43 @@
+"""Where cube keeps its state on the controller. `CUBE_HOME` (default ~/.cube) moves all of it,
+which is how tests stay out of the developer's own home."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cube_home() -> Path:
+    return Path(os.environ.get("CUBE_HOME") or Path.home() / ".cube").expanduser()
+
+
+def envs_dir() -> Path:
+    return cube_home() / "envs"
+
+
+def inventory_file() -> Path:
+    return cube_home() / "hosts.yaml"
+
+
+def known_hosts_file() -> Path:
+    """cube's own known_hosts; ~/.ssh/known_hosts is read too (see controller.hosts)."""
+    return cube_home() / "known_hosts"
+
+
+def ledger_file() -> Path:
+    return cube_home() / "ledger.db"
+
+
+def lab_dir() -> Path:
+    return cube_home() / "lab"
+
+
+def agent_source() -> Path:
+    """The single-file agent uploaded to hosts (also importable locally as agent.cube_agent)."""
+    return REPO_ROOT / "agent" / "cube_agent.py"
+
+
+def playbooks_dir() -> Path:
+    return REPO_ROOT / "playbooks"
