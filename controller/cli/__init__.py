@@ -1,6 +1,6 @@
 """The `cube` command: thin parsing and rendering over library functions.
 
-Each concern registers its commands from its own module (local.py, remote.py, lab.py, serve.py),
+Each concern registers its commands from its own module (model.py, local.py, remote.py, lab.py, serve.py),
 so no file here grows into a 2,000-line main.
 """
 
@@ -41,7 +41,7 @@ def _root(
 
 def _register() -> None:
     # Imported for their side effect: each adds its commands to `app`.
-    from controller.cli import local, remote, lab, serve  # noqa: F401
+    from controller.cli import model, local, remote, lab, serve  # noqa: F401
 
 
 def main() -> None:

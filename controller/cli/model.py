@@ -1,0 +1,3 @@
+"""`cube` commands: model (placeholder until its module lands)."""
+
+from controller.cli import app  # noqa: F401
