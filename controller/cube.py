@@ -62,7 +62,7 @@ class Param:
     path: Path                # absolute
     rel: str | None           # relative to the workspace; None when outside it
     opts: str | None = None   # "ro" | "rw" | None
-    explicit_type: bool = False  # declared with `type:`; else inferred (re-inferred on override)
+    explicit_type: bool = False  # fixed by `type:` or a trailing '/'; else re-inferred on override
 
 
 @dataclass
@@ -394,7 +394,7 @@ def make_param(name: str, io: str, raw: str, ws: Path, ptype: str | None = None,
     a directory when the path ends in '/' or names an existing folder, else a file (MLCube)."""
     path = Path(os.path.expanduser(raw))
     path = Path(os.path.normpath(path if path.is_absolute() else ws / path))
-    explicit = ptype is not None
+    explicit = ptype is not None or raw.endswith(("/", os.sep))
     if ptype is None:
         ptype = "directory" if raw.endswith(("/", os.sep)) or path.is_dir() else "file"
     try:
@@ -598,7 +598,7 @@ def _dockerfile_entry(cube: Cube, dockerfile: Path) -> tuple[list[str], str]:
                            "'entry_point: <script>.py'.", field="ENTRYPOINT", line=line)
 
     where = dockerfile.relative_to(cube.root) if dockerfile.is_relative_to(cube.root) else dockerfile
-    return map_command(cube, words, error), f"{where} ENTRYPOINT (line {line})"
+    return map_command(cube, words, error), f"{where}:{line} ENTRYPOINT"
 
 
 def _parse_entrypoint(dockerfile: Path) -> tuple[list[str], int | None]:
@@ -681,7 +681,7 @@ def choose_runtime(cube: Cube, requested: str | None = None) -> tuple[str, str]:
         declared = (meta.get("framework") or {}).get("runtime")
         if cube.metadata_file is not None and declared:
             return "python", f"{METADATA_FILE} declares a python framework.runtime"
-        return "python", f"the entry point ({env.entry_source or METADATA_FILE}) runs python"
+        return "python", f"its entry point ({env.entry_source}) runs python"
     if cube.docker:
         return "docker", "no python entry point, and mlcube.yaml has a 'docker:' section"
     raise ConfigError(cube.metadata_file or cube.root / METADATA_FILE,
