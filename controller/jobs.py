@@ -1,0 +1,136 @@
+"""The local job ledger: one SQLite file recording every remote job (who, cube, host, task,
+params, env hash, state, times, exit code).
+
+SQLite gives atomic updates and safe concurrent readers for free, which a JSON file would not
+(a cron job and an interactive `cube remote list` may touch it at once).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from controller import paths
+from controller.errors import CubeError
+
+SCHEMA_VERSION = 1
+FINAL_STATES = {"succeeded", "failed", "cancelled", "lost"}
+
+# Parameter or variable names whose values must never be stored.
+_SECRET_NAME = re.compile(r"pass(word)?|secret|token|api[_-]?key|credential", re.IGNORECASE)
+
+_COLUMNS = """
+    id TEXT PRIMARY KEY, name TEXT, user TEXT, cube TEXT, cube_path TEXT, host TEXT,
+    tasks TEXT, params TEXT, env_hash TEXT, runtime TEXT, state TEXT, created_at REAL,
+    started_at REAL, ended_at REAL, exit_code INTEGER, remote_dir TEXT, workspace TEXT,
+    outputs TEXT, outputs_pulled INTEGER DEFAULT 0, log_path TEXT, inventory TEXT
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    cube: str
+    host: str
+    tasks: list[str]
+    name: str | None = None
+    user: str = field(default_factory=getpass.getuser)
+    cube_path: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    env_hash: str = ""
+    runtime: str = "python"
+    state: str = "pending"
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+    remote_dir: str = ""
+    workspace: str = ""
+    outputs: list[str] = field(default_factory=list)  # workspace-relative output paths
+    outputs_pulled: bool = False
+    log_path: str = ""
+    inventory: str = ""  # --inventory the job was started with, to reach its host again
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+def new_job_id(cube_name: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{cube_name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def redact(values: dict[str, str]) -> dict[str, str]:
+    return {k: ("***" if _SECRET_NAME.search(k) else v) for k, v in values.items()}
+
+
+_JSON_FIELDS = {"tasks", "params", "outputs"}
+
+
+def _to_row(job: Job) -> dict:
+    row = {f.name: getattr(job, f.name) for f in fields(Job)}
+    row["params"] = redact(job.params)
+    for key in _JSON_FIELDS:
+        row[key] = json.dumps(row[key])
+    row["outputs_pulled"] = int(job.outputs_pulled)
+    return row
+
+
+def _from_row(row: sqlite3.Row) -> Job:
+    data = dict(row)
+    for key in _JSON_FIELDS:
+        data[key] = json.loads(data[key] or "null") or ([] if key != "params" else {})
+    data["outputs_pulled"] = bool(data["outputs_pulled"])
+    return Job(**data)
+
+
+class Ledger:
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path or paths.ledger_file())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        with self._db:
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({_COLUMNS})")
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def save(self, job: Job) -> None:
+        row = _to_row(job)
+        names = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        with self._db:
+            self._db.execute(f"INSERT OR REPLACE INTO jobs ({names}) VALUES ({marks})", row)
+
+    def get(self, ref: str) -> Job:
+        """A job by id, unique id prefix, or name (newest of that name)."""
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE id = ? OR id LIKE ? OR name = ? ORDER BY created_at DESC",
+            (ref, ref + "%", ref),
+        ).fetchall()
+        exact = [r for r in rows if r["id"] == ref or r["name"] == ref]
+        if exact:
+            return _from_row(exact[0])
+        if len(rows) == 1:
+            return _from_row(rows[0])
+        if not rows:
+            raise CubeError(f"No job '{ref}' in the ledger {self.path}.",
+                            "List jobs with `cube remote list`.")
+        ids = ", ".join(r["id"] for r in rows[:5])
+        raise CubeError(f"Job reference '{ref}' is ambiguous: {ids}.", "Give more of the id.")
+
+    def list(self, host: str | None = None, limit: int = 50) -> list[Job]:
+        query, args = "SELECT * FROM jobs", ()
+        if host:
+            query, args = query + " WHERE host = ?", (host,)
+        rows = self._db.execute(query + " ORDER BY created_at DESC LIMIT ?", (*args, limit))
+        return [_from_row(r) for r in rows]
+
+    def close(self) -> None:
+        self._db.close()
