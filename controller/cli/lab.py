@@ -1,3 +1,42 @@
-"""`cube` commands: lab (placeholder until its module lands)."""
+"""`cube lab up|down|status`: local SSH test hosts (see controller.lab)."""
 
-from controller.cli import app  # noqa: F401
+from __future__ import annotations
+
+import typer
+
+from controller import lab, paths
+from controller.cli import app
+
+lab_app = typer.Typer(help="Local SSH test hosts (real sshd) for trying cube remote runs.",
+                      no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.command("up")
+def up(hosts: int = typer.Option(1, "--hosts", "-n", help="How many hosts (lab1..labN)."),
+       ) -> None:
+    """Start lab hosts (running ones are kept) and add them to the inventory."""
+    started = lab.lab_up(hosts)
+    for h in started:
+        typer.echo(f"{h.name}: {h.address}:{h.port} ({h.mode}) root {h.root}")
+    typer.echo(f"Inventory: {paths.inventory_file()}  known hosts: {paths.known_hosts_file()}")
+    typer.echo(f"Try: cube remote run cubes/hello --host {started[0].name} --task greet")
+
+
+@lab_app.command("down")
+def down() -> None:
+    """Stop every lab host and remove its inventory and known_hosts entries."""
+    names = lab.lab_down()
+    typer.echo(f"Stopped {', '.join(names)}." if names else "No lab host was running.")
+
+
+@lab_app.command("status")
+def status() -> None:
+    """List lab hosts: address, sshd pid, up/down (a TCP connect check)."""
+    hosts = lab.lab_status()
+    if not hosts:
+        typer.echo("No lab hosts. Start some with `cube lab up --hosts 2`.")
+        return
+    for h in hosts:
+        typer.echo(f"{h.name}\t{h.address}:{h.port}\tpid {h.pid}\t{h.mode}\t"
+                   f"{'up' if h.up else 'down'}")

@@ -1,0 +1,194 @@
+"""Which machine a host name means: the inventory ($CUBE_HOME/hosts.yaml or --inventory FILE),
+else ~/.ssh/config (HostName, User, Port, IdentityFile, ProxyJump), else the name itself.
+
+Inventory format:
+
+    hosts:
+      gpu1: {hostname: 10.0.0.5, port: 22, user: me, identity_file: ~/.ssh/id_ed25519,
+             root: ~/.cube, labels: [gpu], groups: [nightly], proxy_jump: bastion}
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from controller import paths
+from controller.errors import ConfigError
+
+DEFAULT_ROOT = "~/.cube"
+FIELDS = ("hostname", "port", "user", "identity_file", "root", "labels", "groups", "proxy_jump")
+
+
+@dataclass
+class HostSpec:
+    name: str
+    hostname: str
+    port: int = 22
+    user: str = field(default_factory=getpass.getuser)
+    identity_files: list[str] = field(default_factory=list)
+    root: str = DEFAULT_ROOT
+    labels: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    proxy_jump: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.user}@{self.hostname}:{self.port}"
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write to a temp name in the same folder, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def file_lock(path: Path):
+    """Serialise read-modify-write of a shared file (the lab and a user may both edit it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+# ---- inventory --------------------------------------------------------------------------------
+
+def load_inventory(path: Path | None = None) -> dict[str, HostSpec]:
+    """Parse and validate an inventory file; a missing default file is an empty inventory."""
+    path = Path(path) if path else paths.inventory_file()
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ConfigError(path, f"is not valid YAML ({getattr(err, 'problem', err)}).",
+                          "Fix the YAML syntax; see docs for the inventory format.",
+                          line=mark.line + 1 if mark else None) from None
+    if not isinstance(data, dict) or not isinstance(data.get("hosts", {}), dict):
+        raise ConfigError(path, "must be a mapping with a 'hosts' mapping of name -> settings.",
+                          "Write it as 'hosts: {myhost: {hostname: ..., user: ...}}'.", field="hosts")
+    return {str(name): _spec_from_entry(path, str(name), entry)
+            for name, entry in (data.get("hosts") or {}).items()}
+
+
+def _spec_from_entry(path: Path, name: str, entry) -> HostSpec:
+    where = f"hosts.{name}"
+    if entry is None:
+        entry = {}
+    if not isinstance(entry, dict):
+        raise ConfigError(path, f"host '{name}' must be a mapping of settings.",
+                          f"Allowed settings: {', '.join(FIELDS)}.", field=where)
+    unknown = sorted(set(entry) - set(FIELDS))
+    if unknown:
+        raise ConfigError(path, f"host '{name}' has unknown setting(s) {', '.join(unknown)}.",
+                          f"Allowed settings: {', '.join(FIELDS)}.", field=f"{where}.{unknown[0]}")
+
+    def text(key, default=None):
+        value = entry.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(path, f"'{key}' of host '{name}' must be a string, not {value!r}.",
+                              f"Quote the value, e.g. {key}: \"...\".", field=f"{where}.{key}")
+        return value
+
+    def strings(key):
+        value = entry.get(key) or []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(path, f"'{key}' of host '{name}' must be a list of strings.",
+                              f"Write it as {key}: [a, b].", field=f"{where}.{key}")
+        return value
+
+    port = entry.get("port", 22)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(path, f"'port' of host '{name}' must be a number 1-65535, not {port!r}.",
+                          "Use the SSH port of the host, usually 22.", field=f"{where}.port")
+    return HostSpec(
+        name=name, hostname=text("hostname") or name, port=port,
+        user=text("user") or getpass.getuser(),
+        identity_files=[os.path.expanduser(p) for p in strings("identity_file")],
+        root=text("root") or DEFAULT_ROOT, labels=strings("labels"), groups=strings("groups"),
+        proxy_jump=text("proxy_jump"))
+
+
+def update_inventory(set_entries: dict[str, dict], remove: list[str] = (),
+                     path: Path | None = None) -> None:
+    """Merge entries into the inventory (others kept), atomically and under a lock."""
+    path = Path(path) if path else paths.inventory_file()
+    with file_lock(path):
+        data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+        hosts = data.setdefault("hosts", {}) or {}
+        for name in remove:
+            hosts.pop(name, None)
+        hosts.update(set_entries)
+        data["hosts"] = hosts
+        atomic_write(path, yaml.safe_dump(data, sort_keys=False))
+
+
+# ---- resolution -------------------------------------------------------------------------------
+
+def resolve_host(name: str, inventory: Path | None = None,
+                 ssh_config: Path | None = None) -> HostSpec:
+    """Inventory first, then ~/.ssh/config, then `[user@]host[:port]` taken literally."""
+    if not name:
+        raise ConfigError(inventory or paths.inventory_file(), "an empty host name was given.",
+                          "Pass --host NAME with a name from the inventory or ~/.ssh/config.")
+    hosts = load_inventory(inventory)
+    if name in hosts:
+        return hosts[name]
+    if inventory is not None and not Path(inventory).exists():
+        raise ConfigError(inventory, "does not exist.", "Check the --inventory path.")
+    user, _, rest = name.rpartition("@")
+    host, _, port = rest.partition(":")
+    spec = _from_ssh_config(host, ssh_config) or HostSpec(name=name, hostname=host)
+    if user:
+        spec.user = user
+    if port:
+        if not port.isdigit():
+            raise ConfigError(inventory or paths.inventory_file(),
+                              f"host '{name}' has a port that is not a number.",
+                              "Write it as user@host:port, e.g. me@gpu1:2222.")
+        spec.port = int(port)
+    spec.name = name
+    return spec
+
+
+def _from_ssh_config(name: str, ssh_config: Path | None) -> HostSpec | None:
+    import paramiko
+
+    path = Path(ssh_config) if ssh_config else Path.home() / ".ssh" / "config"
+    if not path.exists():
+        return None
+    cfg = paramiko.SSHConfig.from_path(str(path)).lookup(name)
+    if not (set(cfg) & {"user", "port", "identityfile", "proxyjump"}) and \
+            cfg.get("hostname", name) == name:
+        return None  # nothing in ssh config for this name
+    return HostSpec(
+        name=name, hostname=cfg.get("hostname", name), port=int(cfg.get("port", 22)),
+        user=cfg.get("user") or getpass.getuser(),
+        identity_files=[os.path.expanduser(p) for p in cfg.get("identityfile", [])],
+        proxy_jump=None if cfg.get("proxyjump", "none").lower() == "none" else cfg["proxyjump"])
+
+
+def hosts_in_group(group: str, inventory: Path | None = None) -> list[HostSpec]:
+    """Every inventory host whose `groups` contains `group` (for sweeps), in file order."""
+    return [h for h in load_inventory(inventory).values() if group in h.groups]

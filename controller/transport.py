@@ -1,0 +1,397 @@
+"""One SSH connection per host, reused for every step of a run (paramiko).
+
+Host keys are checked against $CUBE_HOME/known_hosts (first) and ~/.ssh/known_hosts. An unknown
+key is an error unless `accept_new_host_key` (then it is stored, like OpenSSH's accept-new); a
+changed key is always an error. Network errors are retried with exponential backoff until the
+connect budget is spent; auth and host-key errors are never retried.
+
+Time budget of `connect`: attempts stop once `connect_timeout` seconds have passed since the
+first one began, and each attempt's TCP/banner/auth timeouts are capped by what is left of it
+(at least 1 s), so an unreachable host fails with HostUnreachable after roughly
+`connect_timeout` (+ at most one last backoff wait of <= 2 s) — or sooner after `retries`
+attempts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import shlex
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from controller import paths
+from controller.errors import CubeError, HostUnreachable
+from controller.hosts import HostSpec, atomic_write, file_lock, resolve_host
+
+log = logging.getLogger("cube.transport")
+
+KEEPALIVE_S = 5          # SSH-level keepalive so idle connections carry traffic...
+TCP_USER_TIMEOUT_MS = 20_000  # ...and unacked traffic on a cut link errors out within ~20 s
+
+
+@dataclass
+class ExecResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+class ConnectionLost(HostUnreachable):
+    """The connection dropped mid-command; `HostConnection.reconnect()` and retry."""
+
+
+class _UnknownHostKey(Exception):
+    def __init__(self, hostname: str, key: paramiko.PKey):
+        super().__init__(hostname)
+        self.hostname, self.key = hostname, key
+
+
+class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Unknown key: store it when accepting new keys, else refuse (reported by `connect`)."""
+
+    def __init__(self, accept_new: bool):
+        self.accept_new = accept_new
+
+    def missing_host_key(self, client, hostname, key):
+        if not self.accept_new:
+            raise _UnknownHostKey(hostname, key)
+        store_host_key(hostname, key)
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def store_host_key(hostname: str, key: paramiko.PKey) -> None:
+    """Append `hostname keytype base64` to $CUBE_HOME/known_hosts (atomic, locked)."""
+    path = paths.known_hosts_file()
+    with file_lock(path):
+        text = path.read_text() if path.exists() else ""
+        if text and not text.endswith("\n"):
+            text += "\n"
+        atomic_write(path, text + f"{hostname} {key.get_name()} {key.get_base64()}\n", 0o600)
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    import base64
+
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+# ---- connecting -------------------------------------------------------------------------------
+
+def _open_socket(spec: HostSpec, timeout: float, via: "HostConnection | None"):
+    if via is not None:
+        try:
+            return via.client.get_transport().open_channel(
+                "direct-tcpip", (spec.hostname, spec.port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as err:  # the jump host could not reach the target
+            raise ConnectionRefusedError(f"jump host {via.spec.name}: {err}") from err
+    sock = socket.create_connection((spec.hostname, spec.port), timeout=timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
+    return sock
+
+
+def _attempt(spec: HostSpec, accept_new: bool, timeout: float,
+             via: "HostConnection | None") -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    # cube's own file takes precedence: paramiko consults "system" keys first.
+    cube_kh, ssh_kh = paths.known_hosts_file(), Path.home() / ".ssh" / "known_hosts"
+    if cube_kh.exists():
+        client.load_system_host_keys(str(cube_kh))
+    if ssh_kh.exists():
+        try:
+            client.get_host_keys().load(str(ssh_kh))
+        except (OSError, paramiko.SSHException) as err:
+            log.warning("ignoring unreadable %s: %s", ssh_kh, err)
+    client.set_missing_host_key_policy(_HostKeyPolicy(accept_new))
+    sock = _open_socket(spec, timeout, via)
+    try:
+        client.connect(spec.hostname, port=spec.port, username=spec.user, sock=sock,
+                       key_filename=spec.identity_files or None,
+                       look_for_keys=not spec.identity_files, allow_agent=not spec.identity_files,
+                       timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                       channel_timeout=timeout)
+    except BaseException:
+        client.close()
+        sock.close()
+        raise
+    client.get_transport().set_keepalive(KEEPALIVE_S)
+    return client
+
+
+def _network_error(err: BaseException) -> bool:
+    if isinstance(err, (paramiko.AuthenticationException, paramiko.BadHostKeyException,
+                        _UnknownHostKey, socket.gaierror)):
+        return False
+    return isinstance(err, (OSError, EOFError, paramiko.SSHException))
+
+
+def _explain(spec: HostSpec, err: BaseException) -> CubeError:
+    where = f"host '{spec.name}' ({spec.address})"
+    if isinstance(err, _UnknownHostKey):
+        return CubeError(
+            f"The host key of {where} is not known ({err.key.get_name()} {_fingerprint(err.key)}).",
+            "Run with --accept-new-host-key to trust and store it, or add it to "
+            f"{paths.known_hosts_file()} (or ~/.ssh/known_hosts).")
+    if isinstance(err, paramiko.BadHostKeyException):
+        return CubeError(
+            f"The host key of {where} has CHANGED (now {_fingerprint(err.key)}, known "
+            f"{_fingerprint(err.expected_key)}). Someone may be intercepting the connection.",
+            f"If the host was reinstalled, delete its old line from {paths.known_hosts_file()} "
+            "or ~/.ssh/known_hosts and connect again with --accept-new-host-key.")
+    if isinstance(err, paramiko.AuthenticationException):
+        keys = ", ".join(spec.identity_files) or "your default keys and ssh-agent"
+        return CubeError(f"Authentication as '{spec.user}' on {where} failed: {err}",
+                         f"Check the user and identity file (tried {keys}); set identity_file in "
+                         "the inventory or IdentityFile in ~/.ssh/config.")
+    if isinstance(err, socket.gaierror):
+        return HostUnreachable(f"Cannot resolve the hostname of {where}: {err}.",
+                               "Check the hostname in the inventory or ~/.ssh/config.")
+    return HostUnreachable(f"Cannot reach {where}: {err or type(err).__name__}.",
+                           "Check that the host is up and reachable (network, VPN, ProxyJump).")
+
+
+def _jump_for(spec: HostSpec, accept_new: bool, timeout: float) -> "HostConnection | None":
+    """ProxyJump 'a,b' = reach b through a, then the target through b."""
+    if not spec.proxy_jump:
+        return None
+    *before, last = [j.strip() for j in spec.proxy_jump.split(",")]
+    jump = resolve_host(last)
+    if before:
+        jump.proxy_jump = ",".join(before)
+    return connect(jump, accept_new_host_key=accept_new, connect_timeout=timeout)
+
+
+def _connect_client(spec: HostSpec, accept_new: bool, budget: float, retries: int,
+                    via: "HostConnection | None") -> paramiko.SSHClient:
+    start, attempt, wait = time.monotonic(), 0, 0.25
+    while True:
+        attempt += 1
+        left = budget - (time.monotonic() - start)
+        log.debug("connecting to %s (%s), attempt %d", spec.name, spec.address, attempt)
+        try:
+            return _attempt(spec, accept_new, max(1.0, left), via)
+        except Exception as err:  # classified below; anything unexpected is re-raised as is
+            if not _network_error(err):
+                if isinstance(err, (paramiko.SSHException, _UnknownHostKey, socket.gaierror)):
+                    raise _explain(spec, err) from None
+                raise
+            left = budget - (time.monotonic() - start)
+            if attempt >= retries or left <= 0:
+                raise _explain(spec, err) from None
+            log.debug("attempt %d to %s failed (%s); retrying in %.2fs", attempt, spec.name,
+                      err, wait)
+            time.sleep(min(wait, max(left, 0)))
+            wait = min(wait * 2, 2.0)
+
+
+def connect(spec: HostSpec | str, *, accept_new_host_key: bool = False,
+            connect_timeout: float = 10, retries: int = 8) -> "HostConnection":
+    """Open the connection a run reuses for every step. See the module doc for the time budget."""
+    if isinstance(spec, str):
+        spec = resolve_host(spec)
+    conn = HostConnection(spec, accept_new_host_key, connect_timeout, retries)
+    conn.reconnect()
+    return conn
+
+
+class HostConnection:
+    def __init__(self, spec: HostSpec, accept_new: bool, connect_timeout: float, retries: int):
+        self.spec = spec
+        self.client: paramiko.SSHClient | None = None
+        self.agent_uploaded = False   # whether the last ensure_agent() had to upload
+        self._accept_new, self._timeout, self._retries = accept_new, connect_timeout, retries
+        self._jump: HostConnection | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._root: str | None = None
+        self._agent_path: str | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<HostConnection {self.spec.name} {self.spec.address}>"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def reconnect(self, connect_timeout: float | None = None) -> None:
+        """(Re-)establish the connection with the same retry policy (after a drop)."""
+        self.close()
+        budget = connect_timeout or self._timeout
+        if self.spec.proxy_jump:
+            self._jump = _jump_for(self.spec, self._accept_new, budget)
+        self.client = _connect_client(self.spec, self._accept_new, budget, self._retries,
+                                      self._jump)
+
+    def close(self) -> None:
+        for thing in (self._sftp, self.client, self._jump):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:  # closing a dead connection may raise; it is gone either way
+                    pass
+        self._sftp = self.client = self._jump = None
+
+    def is_alive(self, probe_timeout: float | None = None) -> bool:
+        """Transport still up; with `probe_timeout`, also a round trip (`true`) within it."""
+        t = self.client.get_transport() if self.client else None
+        if t is None or not t.is_active():
+            return False
+        if probe_timeout is None:
+            return True
+        try:
+            return self.run(["true"], timeout=probe_timeout, check=False).code == 0
+        except CubeError:
+            return False
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _session(self, timeout: float | None) -> paramiko.Channel:
+        t = self.client.get_transport() if self.client else None
+        if t is None or not t.is_active():
+            raise ConnectionLost(f"The connection to host '{self.spec.name}' is closed.",
+                                 "Reconnect and retry.")
+        try:
+            return t.open_session(timeout=timeout or self._timeout)
+        except (paramiko.SSHException, OSError, EOFError) as err:
+            raise ConnectionLost(f"Lost the connection to host '{self.spec.name}': {err}.",
+                                 "Reconnect and retry.") from None
+
+    def run(self, argv: list[str], input: bytes | None = None, timeout: float | None = None,
+            check: bool = True) -> ExecResult:
+        """Run argv (quoted with shlex.join) on the host; `check` raises on a non-zero exit."""
+        result = self._exec(shlex.join(argv), input, timeout)
+        if check and result.code != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+            raise CubeError(f"Command `{shlex.join(argv)}` on host '{self.spec.name}' exited "
+                            f"with code {result.code}." + (f" stderr: {tail}" if tail else ""),
+                            "See the command's error output above.")
+        return result
+
+    def sh(self, command: str, *, timeout: float | None = None) -> ExecResult:
+        """Executor protocol (docs/INTERNALS.md): run a shell command line with bash -c."""
+        return self._exec(shlex.join(["bash", "-c", command]), None, timeout)
+
+    def _exec(self, command: str, input: bytes | None, timeout: float | None) -> ExecResult:
+        chan = self._session(timeout)
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            chan.exec_command(command)
+            out, err = bytearray(), bytearray()
+            threads = [threading.Thread(target=_drain, args=(chan.recv_stderr, err), daemon=True)]
+            if input is not None:
+                threads.append(threading.Thread(target=_feed, args=(chan, input), daemon=True))
+            else:
+                chan.shutdown_write()
+            for th in threads:
+                th.start()
+            while True:
+                if deadline is not None:
+                    chan.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = chan.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+            for th in threads:
+                th.join(timeout)
+            if not chan.exit_status_ready() and not chan.get_transport().is_active():
+                raise ConnectionLost(f"Lost the connection to host '{self.spec.name}' while "
+                                     f"running `{command}`.", "Reconnect and retry.")
+            code = chan.recv_exit_status()
+        except socket.timeout:
+            raise CubeError(f"Command `{command}` on host '{self.spec.name}' did not finish "
+                            f"within {timeout} s.", "Raise the timeout or check the host.") from None
+        finally:
+            chan.close()
+        if code == -1:
+            raise ConnectionLost(f"Lost the connection to host '{self.spec.name}' while running "
+                                 f"`{command}` (no exit status).", "Reconnect and retry.")
+        return ExecResult(code, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    # -- cube root and agent --------------------------------------------------------------------
+
+    @property
+    def root(self) -> str:
+        """The cube root on the host, with `~` expanded remotely (asked once)."""
+        if self._root is None:
+            root = self.spec.root
+            if root == "~" or root.startswith("~/"):
+                home = self.run(["sh", "-c", 'printf %s "$HOME"']).stdout
+                root = home + root[1:]
+            self._root = root.rstrip("/") or "/"
+        return self._root
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            self._sftp = self.client.open_sftp()
+        return self._sftp
+
+    def ensure_agent(self) -> str:
+        """Upload agent/cube_agent.py to ROOT/agent/<sha256[:16]>/ unless it is already there."""
+        source = paths.agent_source().read_bytes()
+        digest = hashlib.sha256(source).hexdigest()[:16]
+        folder = f"{self.root}/agent/{digest}"
+        path = f"{folder}/cube_agent.py"
+        # One round trip: exists -> 0; else create the folder and answer 1.
+        probe = self.run(["sh", "-c", 'test -f "$1" || { mkdir -p "$2" && exit 1; }', "sh",
+                          path, folder], check=False)
+        self.agent_uploaded = probe.code != 0
+        if self.agent_uploaded:
+            if probe.code != 1:
+                raise CubeError(f"Cannot create {folder} on host '{self.spec.name}': "
+                                f"{probe.stderr.strip()}", "Check the host's cube root setting.")
+            tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+            with self.sftp.open(tmp, "wb") as f:
+                f.write(source)
+            self.sftp.posix_rename(tmp, path)
+            log.debug("uploaded agent to %s:%s", self.spec.name, path)
+        self._agent_path = path
+        return path
+
+    def agent_argv(self, verb: str, *args: str) -> list[str]:
+        if self._agent_path is None:
+            self.ensure_agent()
+        return ["python3", self._agent_path, "--root", self.root, verb, *map(str, args)]
+
+    def agent(self, verb: str, *args: str, input: bytes | None = None,
+              timeout: float | None = None) -> dict:
+        """Run an agent verb and return its JSON answer; an agent error becomes a CubeError."""
+        result = self.run(self.agent_argv(verb, *args), input=input, timeout=timeout, check=False)
+        try:
+            answer = json.loads(result.stdout)
+        except ValueError:
+            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+            raise CubeError(f"The cube agent on host '{self.spec.name}' gave no JSON answer to "
+                            f"'{verb}' (exit code {result.code}): {tail or result.stdout[:200]}",
+                            "Check that python3 >= 3.8 is installed on the host.") from None
+        if isinstance(answer, dict) and "error" in answer:
+            raise CubeError(f"host '{self.spec.name}': {answer['error']}", answer.get("hint"))
+        return answer
+
+
+def _drain(recv, into: bytearray) -> None:
+    try:
+        while chunk := recv(65536):
+            into += chunk
+    except (OSError, EOFError):
+        pass
+
+
+def _feed(chan: paramiko.Channel, data: bytes) -> None:
+    try:
+        chan.sendall(data)
+        chan.shutdown_write()
+    except (OSError, EOFError):
+        pass
