@@ -1,0 +1,239 @@
+"""Sync without rsync: manifests on both sides, only changed files (or changed blocks) travel as
+one tar stream over one channel, and every file lands by temp name + sha256 check + rename.
+
+The primitives (scan, plan, write_stream, apply_stream) live in the agent file so that push (we
+write, the host's `receive` applies) and pull (the host's `send` writes, we apply) share one
+implementation. This module adds what only the controller knows: `.cubeignore`, the local hash
+cache under CUBE_HOME, progress bars, and errors for the user.
+
+A connection needs two things (controller.transport.HostConnection provides them):
+    conn.agent_argv(verb, *args) -> list[str]   # argv that runs the agent on the host
+    conn.stream(argv) -> controller.streams.Stream
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pathspec
+
+from agent import cube_agent as agent
+from controller import paths as cube_paths
+from controller.errors import CubeError
+
+IGNORE_FILE = ".cubeignore"
+PROGRESS_MIN_BYTES = 16 << 20   # smaller transfers finish before a bar is worth drawing
+
+
+@dataclass
+class SyncReport:
+    files_sent: int = 0
+    bytes_sent: int = 0         # bytes on the wire (tar stream), what the host had to receive
+    files_deleted: int = 0
+    seconds: float = 0.0
+
+
+def push(conn, local_dir, remote_dir: str, *, paths=None, ignore=True, delete=True,
+         progress=None) -> SyncReport:
+    """Make remote_dir (relative to the host's cube root, or absolute) a copy of local_dir."""
+    start, local_dir = time.monotonic(), Path(local_dir)
+    if not local_dir.is_dir():
+        raise CubeError(f"Cannot push '{local_dir}': it is not a directory.",
+                        "Pass the cube's directory.")
+    with ThreadPoolExecutor(1) as pool:   # the host scans while we scan
+        remote_job = pool.submit(remote_manifest, conn, remote_dir, not ignore)
+        local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=ignore)
+        remote = remote_job.result()
+    keep = _keeper(local_dir if ignore else None, paths)
+    local, remote = keep(local), keep(remote)
+    for rel, target in local["links"].items():
+        _agent_call(agent.check_link, rel, target)
+    ops = agent.plan(local, remote, delete)
+    if not ops:
+        return SyncReport(seconds=time.monotonic() - start)
+    args = ["receive", remote_dir] + (["--delete"] if delete else [])
+    stream = conn.stream(conn.agent_argv(*args))
+    with _bar(progress, _payload(ops, local), "push") as tick:
+        sent, result = _send_ops(stream, local_dir, ops, local, tick)
+    return SyncReport(result["files"], sent, result["deleted"], time.monotonic() - start)
+
+
+def pull(conn, remote_dir: str, local_dir, *, paths=None, progress=None) -> SyncReport:
+    """Copy remote_dir (or its `paths`) into local_dir; never deletes local files."""
+    start, local_dir = time.monotonic(), Path(local_dir)
+    remote = remote_manifest(conn, remote_dir, True)
+    if not remote["exists"]:
+        raise CubeError(f"Cannot pull '{remote_dir}': it does not exist on the host.",
+                        "Check the job id, or whether the task wrote its outputs.")
+    local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=False)
+    keep = _keeper(None, paths)
+    remote, local = keep(remote), keep(local)
+    ops = [op for op in agent.plan(remote, local, delete=False)]
+    if not ops:
+        return SyncReport(seconds=time.monotonic() - start)
+    stream = conn.stream(conn.agent_argv("send", remote_dir))
+    with _bar(progress, _payload(ops, remote), "pull") as tick:
+        result, received = _receive_ops(stream, local_dir, ops, tick)
+    return SyncReport(result["files"], received, 0, time.monotonic() - start)
+
+
+def remote_manifest(conn, remote_dir: str, everything: bool) -> dict:
+    stream = conn.stream(conn.agent_argv("manifest", remote_dir, *(["--all"] if everything
+                                                                     else [])))
+    try:
+        stream.close_stdin()
+        out, code = stream.read(), stream.wait()
+        return _agent_answer(stream, out, code)
+    finally:
+        stream.close()
+
+
+def local_cache_file(local_dir) -> str:
+    return agent._cache_file(str(local_dir), str(cube_paths.cube_home()))
+
+
+# -- filters --
+
+def _keeper(ignore_root: Path | None, paths):
+    """A function filtering a manifest by .cubeignore (plus built-ins) and requested paths."""
+    spec = _ignore_spec(ignore_root) if ignore_root else None
+    prefixes = [agent.check_rel(p) for p in paths] if paths else None
+
+    def wanted(rel: str, is_dir: bool) -> bool:
+        if prefixes and not any(rel == p or rel.startswith(p + "/") for p in prefixes):
+            return False
+        return not (spec and spec.match_file(rel + "/" if is_dir else rel))
+
+    def keep(m: dict) -> dict:
+        return {"exists": m.get("exists", True),
+                "files": {r: e for r, e in m["files"].items() if wanted(r, False)},
+                "links": {r: t for r, t in m["links"].items() if wanted(r, False)},
+                "dirs": {r: d for r, d in m["dirs"].items() if wanted(r, True)}}
+    return keep
+
+
+def _ignore_spec(root: Path):
+    lines = [IGNORE_FILE]   # the ignore file itself is controller configuration
+    path = root / IGNORE_FILE
+    if path.is_file():
+        lines += path.read_text(encoding="utf-8").splitlines()
+    return pathspec.PathSpec.from_lines("gitwildmatch", lines)
+
+
+# -- streaming --
+
+class _Counting:
+    """Counts (and reports) the bytes that pass through a stream."""
+
+    def __init__(self, stream, tick):
+        self.stream, self.tick, self.count = stream, tick, 0
+
+    def write(self, data) -> int:
+        self.stream.write(data)
+        self.count += len(data)
+        self.tick(len(data))
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.count += len(data)
+        self.tick(len(data))
+        return data
+
+
+def _send_ops(stream, local_dir, ops, manifest, tick):
+    counter = _Counting(stream, tick)
+    try:
+        try:
+            agent.write_stream(str(local_dir), ops, counter, manifest)
+            stream.close_stdin()
+        except agent.AgentError as err:
+            raise CubeError(err.message, err.hint) from None
+        except (OSError, EOFError):
+            pass   # the host stopped reading: its answer below says why
+        out, code = stream.read(), stream.wait()
+        return counter.count, _agent_answer(stream, out, code)
+    finally:
+        stream.close()
+
+
+def _receive_ops(stream, local_dir, ops, tick):
+    counter = _Counting(stream, tick)
+    try:
+        stream.write(json.dumps(ops).encode())
+        stream.close_stdin()
+        try:
+            result = agent.apply_stream(str(local_dir), counter, allow_delete=False,
+                                        cache_file=local_cache_file(local_dir))
+        except agent.AgentError as err:
+            local_error = err
+        else:
+            local_error = None
+        code = stream.wait()
+        if code != 0:
+            _agent_answer(stream, b"", code)
+        if local_error:
+            raise CubeError(local_error.message, local_error.hint)
+        return result, counter.count
+    finally:
+        stream.close()
+
+
+def _agent_answer(stream, out: bytes, code: int) -> dict:
+    """The agent's JSON answer; its error (stdout or stderr) becomes a CubeError."""
+    text = out.decode(errors="replace").strip() or stream.stderr_text().strip()
+    try:
+        answer = json.loads(text.splitlines()[-1]) if text else {}
+    except ValueError:
+        answer = {}
+    if code == 0 and "error" not in answer:
+        return answer
+    if "error" in answer:
+        raise CubeError(f"On the host: {answer['error']}", answer.get("hint"))
+    raise CubeError(f"The host's cube agent failed (exit code {code}): "
+                    f"{text[-500:] or stream.stderr_text()[-500:]}",
+                    "Run the same command again with --debug to see the host's output.")
+
+
+def _agent_call(fn, *args):
+    try:
+        return fn(*args)
+    except agent.AgentError as err:
+        raise CubeError(err.message, err.hint) from None
+
+
+# -- progress --
+
+def _payload(ops, manifest) -> int:
+    total = 0
+    for op in ops:
+        entry = manifest["files"].get(op["path"]) if op["op"] == "file" else None
+        if entry and "base_blocks" in op:
+            total += len(agent.changed_blocks(entry["blocks"], op["base_blocks"])) \
+                * agent.BLOCK_SIZE
+        elif entry:
+            total += entry["size"]
+    return total
+
+
+@contextlib.contextmanager
+def _bar(progress, total: int, label: str):
+    """Yield a byte-count callback: the caller's, a rich bar on a TTY, or a no-op."""
+    if callable(progress):
+        yield progress
+        return
+    if progress is False or total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TransferSpeedColumn,
+                               TimeRemainingColumn)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
