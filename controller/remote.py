@@ -9,6 +9,7 @@ On the host (ROOT = the host's cube root):
 
 from __future__ import annotations
 
+import os
 import posixpath
 import sys
 import time
@@ -294,9 +295,9 @@ def _launch(conn, job: ledger_mod.Job, spec: dict, log: Log) -> None:
 
 # How long one `logs --follow` call may run before the controller re-issues it. Bounded calls
 # let a read timeout tell a dead link (no TCP error for minutes) from a quiet task.
-FOLLOW_WINDOW_S = 20
-READ_TIMEOUT_S = FOLLOW_WINDOW_S + 15
-RECONNECT_BUDGET_S = 600
+FOLLOW_WINDOW_S = float(os.environ.get("CUBE_FOLLOW_WINDOW", 20))
+READ_TIMEOUT_S = FOLLOW_WINDOW_S + max(5.0, FOLLOW_WINDOW_S)
+RECONNECT_BUDGET_S = float(os.environ.get("CUBE_RECONNECT_BUDGET", 600))
 
 
 def _follow_and_finish(conn, job: ledger_mod.Job, log: Log) -> int:
