@@ -264,7 +264,7 @@ def load_cube(path, workspace: Path | None = None, config_overrides=None,
     cube = Cube(
         name=_str_field(src, "name", required=True), root=root, workspace=ws,
         description=_str_field(src, "description") or "",
-        platform=_mapping(src, "platform"), docker=_mapping(src, "docker"),
+        platform=_platform(src), docker=_docker(src),
         tasks=_load_tasks(src, ws), env=Environment(), warnings=warnings, config=config,
         authors=config.get("authors") or [], mlcube_file=mlcube_file)
     _load_environment(cube)
@@ -325,6 +325,34 @@ def _mapping(src: _Source, fld: str, data: dict | None = None, key: str | None =
         raise src.error(fld, f"must be a mapping (key: value pairs), not {_kind(value)}.",
                         f"Indent the entries of '{(key or fld)}:' under it as 'key: value'.")
     return value
+
+
+def _docker(src: _Source) -> dict:
+    """MLCube's docker section: image (required), build_context, build_file, plus cube's own
+    optional build_strategy, env {K: V}, cpus and memory."""
+    docker = _mapping(src, "docker")
+    if not docker:
+        return docker
+    if not isinstance(docker.get("image"), str) or not docker["image"]:
+        raise src.error("docker.image", "needs the image name.",
+                        "Add 'image: my-org/my-cube:0.1' under 'docker:'.")
+    env = _mapping(src, "docker.env", docker, "env")
+    bad = [k for k, v in env.items() if isinstance(v, (dict, list))]
+    if bad:
+        raise src.error(f"docker.env.{bad[0]}", "must be a plain value (string or number).",
+                        f"Write it as '{bad[0]}: value'.")
+    for key in ("build_context", "build_file", "build_strategy", "memory"):
+        _opt_str(src, f"docker.{key}", docker.get(key))
+    return docker
+
+
+def _platform(src: _Source) -> dict:
+    platform = _mapping(src, "platform")
+    count = platform.get("accelerator_count")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        raise src.error("platform.accelerator_count", f"must be a whole number, not '{count}'.",
+                        "Write 'accelerator_count: 0' (or the number of GPUs the cube needs).")
+    return platform
 
 
 def _kind(value) -> str:
@@ -488,12 +516,19 @@ def _requirements_file(cube: Cube, src: _Source, declared) -> str | None:
     return declared
 
 
-def read_requirements(path: Path) -> list[str]:
-    """pip requirement lines; comments, blank lines and pip options (-r, --index-url) dropped."""
+def read_requirements(path: Path, _seen: frozenset = frozenset()) -> list[str]:
+    """pip requirement lines: comments and blank lines dropped, `-r other.txt` followed,
+    other pip options (--index-url, -e) dropped: the venv is built from names alone."""
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = re.sub(r"(^|\s)#.*$", "", line).strip()
-        if line and not line.startswith("-"):
+        m = re.match(r"(?:-r|--requirement)[\s=]+(\S+)$", line)
+        if m and path.parent / m.group(1) not in _seen:
+            if not (path.parent / m.group(1)).is_file():
+                raise ConfigError(path, f"includes '{line}', but {m.group(1)} does not exist.",
+                                  "Fix the path (it is relative to this file) or remove the line.")
+            out += read_requirements(path.parent / m.group(1), _seen | {path})
+        elif line and not line.startswith("-"):
             out.append(line)
     return out
 

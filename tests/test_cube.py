@@ -232,6 +232,21 @@ def test_unknown_top_level_key_warns_with_a_suggestion(tmp_path):
     assert "Did you mean 'docker'?" in warning
 
 
+def test_docker_section_needs_an_image_and_plain_env_values(tmp_path):
+    err = config_error(make_cube(tmp_path, MLCUBE + "docker:\n  build_file: Dockerfile\n"))
+    assert err.field == "docker.image" and err.line == 15 and "image:" in err.hint
+    err = config_error(make_cube(tmp_path, MLCUBE + "docker:\n  image: x\n  env:\n"
+                                                    "    A: 1\n    B: [1]\n"))
+    assert err.field == "docker.env.B" and err.line == 19
+    cube = load_cube(make_cube(tmp_path, MLCUBE + "docker: {image: x, env: {A: 1}, cpus: 2}\n"))
+    assert cube.docker == {"image": "x", "env": {"A": 1}, "cpus": 2}
+
+
+def test_accelerator_count_must_be_a_whole_number(tmp_path):
+    err = config_error(make_cube(tmp_path, MLCUBE + "platform: {accelerator_count: many}\n"))
+    assert err.field == "platform.accelerator_count" and "whole number" in str(err)
+
+
 def test_yaml_line_map_maps_dotted_paths_and_parents():
     lines = yaml_line_map("a:\n  b:\n    - x\n    - {c: 1}\n")
     assert lines == {"a": 1, "a.b": 2, "a.b.0": 3, "a.b.1": 4, "a.b.1.c": 4}
@@ -257,6 +272,15 @@ def test_requirements_merge_runtime_list_file_and_pinned_framework(tmp_path):
     env = load_cube(root).env
     assert env.requirements == ["numpy", "pyyaml", "pillow>=10", "tensorflow==2.16.*"]
     assert env.requirements_file == "requirements.txt"
+
+
+def test_requirements_file_follows_dash_r(tmp_path):
+    root = make_cube(tmp_path, files={"requirements.txt": "-r base.txt\nrich\n",
+                                      "base.txt": "numpy  # base\n-r requirements.txt\n"})
+    assert load_cube(root).env.requirements == ["numpy", "rich"]
+    (root / "base.txt").unlink()
+    err = config_error(root)
+    assert err.file == root / "requirements.txt" and "base.txt does not exist" in str(err)
 
 
 def test_framework_is_not_added_when_already_listed_by_name(tmp_path):
