@@ -680,22 +680,32 @@ def _map_script(cube: Cube, word: str) -> str | None:
 
 
 def map_command(cube: Cube, words: list[str], error) -> list[str]:
-    """Map the script of a container command (the first path-like word among the first two:
-    `python3 /workspace/x.py`, `/workspace/run.sh`, `bash run.sh`) to the cube's own file;
-    `error(word)` builds the ConfigError when the cube has no such file."""
+    """Map a container command's script to the cube's own file: the script after a python
+    interpreter (`python3 -u /workspace/x.py`) or a bare `x.py` must exist in the cube,
+    else `error(word)` is raised. Other commands (`/bin/bash`, `run.sh`) are mapped when the
+    cube has them and kept as they are otherwise: they may live in the image."""
     out = list(words)
-    for i, word in enumerate(out[:2]):
-        if is_python(word):
-            out[i] = os.path.basename(word)
-        elif "/" in word or re.search(r"\.(py|sh)$", word):
-            mapped = _map_script(cube, word)
-            if mapped is None:
-                raise error(word)
-            out[i] = mapped
-            break
-    if out and out[0].endswith(".py"):
-        out.insert(0, "python3")
+    if out and is_python(out[0]):
+        out[0] = os.path.basename(out[0])
+        i = 1
+        while i < len(out) and out[i].startswith("-") and out[i] not in ("-m", "-c"):
+            i += 1
+        if i < len(out) and not out[i].startswith("-"):
+            out[i] = _required_script(cube, out[i], error)
+    elif out and out[0].endswith(".py"):
+        out = ["python3", _required_script(cube, out[0], error), *out[1:]]
+    else:
+        for i, word in enumerate(out[:2]):
+            if "/" in word or word.endswith(".sh"):
+                out[i] = _map_script(cube, word) or word
     return out
+
+
+def _required_script(cube: Cube, word: str, error) -> str:
+    mapped = _map_script(cube, word)
+    if mapped is None:
+        raise error(word)
+    return mapped
 
 
 # ---------------------------------------------------------------------------- runtime choice

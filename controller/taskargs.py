@@ -68,12 +68,17 @@ def _unknown_param(cube: Cube, name: str, task: str, valid: list[str]) -> CubeEr
 
 
 def task_argv(cube: Cube, task_name: str, overrides: dict[str, str] | None = None,
-              path_for: Callable[[Param], str] = lambda p: str(p.path)) -> list[str]:
+              path_for: Callable[[Param], str] = lambda p: str(p.path),
+              with_entry: bool = True) -> list[str]:
     """entry + [task] + --name=path for inputs, then outputs. A task with its own MLCube
-    `entrypoint` runs that instead of the entry, and (as in MLCube) gets no task name."""
+    `entrypoint` runs that instead of the entry, and (as in MLCube) gets no task name.
+    `with_entry=False` leaves the entry out: the arguments after an image's ENTRYPOINT."""
     task = cube.task(task_name)
     params = apply_param_overrides(cube, task, overrides or {})
-    head = list(task.entry) if task.entry else [*cube.env.entry, task.name]
+    if task.entry:
+        head = list(task.entry) if with_entry else []
+    else:
+        head = [*cube.env.entry, task.name] if with_entry else [task.name]
     ordered = [p for p in params if p.io == "input"] + [p for p in params if p.io == "output"]
     return head + [f"--{p.name}={path_for(p)}" for p in ordered]
 

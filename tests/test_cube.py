@@ -344,6 +344,15 @@ def test_legacy_entry_maps_a_script_in_a_subfolder_and_shell_form(tmp_path):
     assert env.requirements == ["numpy==1.26.4"] and env.entry_source == "Dockerfile:2 ENTRYPOINT"
 
 
+def test_legacy_entry_skips_python_options_and_keeps_image_commands(tmp_path):
+    root = make_cube(tmp_path, MLCUBE + "docker: {image: x}\n", metadata=None, files={
+        "Dockerfile": 'ENTRYPOINT ["/usr/bin/python3", "-u", "/w/main.py", "-v"]\n'})
+    assert load_cube(root).env.entry == ["python3", "-u", "main.py", "-v"]
+    (root / "Dockerfile").write_text('ENTRYPOINT ["/bin/bash", "/opt/start.sh"]\n')
+    cube = load_cube(root)
+    assert cube.env.entry == ["/bin/bash", "/opt/start.sh"] and cube.env.runtime == "docker"
+
+
 def test_legacy_dockerfile_from_build_context(tmp_path):
     root = make_cube(tmp_path, MLCUBE + "docker: {image: x, build_context: build, "
                                         "build_file: Dockerfile.cpu}\n", metadata=None,

@@ -36,6 +36,14 @@ def test_argv_is_entry_task_then_inputs_then_outputs(demo):
         f"--model={ws / 'model'}"]
 
 
+def test_argv_without_entry_is_what_follows_an_image_entrypoint(tmp_path):
+    mlcube = MLCUBE.replace("  prep:\n", "  prep:\n    entrypoint: /app/main.py\n")
+    cube = load_cube(make_cube(tmp_path, mlcube))
+    assert task_argv(cube, "train", with_entry=False)[0] == "train"
+    assert task_argv(cube, "prep", with_entry=False) == [f"--raw={cube.workspace / 'raw.txt'}",
+                                                         f"--data={cube.workspace / 'data'}"]
+
+
 def test_path_for_rewrites_every_path(demo):
     argv = task_argv(demo, "prep", path_for=lambda p: f"/mnt/{p.io}/{p.rel}")
     assert argv[-2:] == ["--raw=/mnt/input/raw.txt", "--data=/mnt/output/data"]
