@@ -161,7 +161,8 @@ class _Source:
         text = _read_text(path)
         try:
             self.data = yaml.safe_load(text)
-            self.lines = yaml_line_map(text)
+            self.node = yaml.compose(text, Loader=yaml.SafeLoader)
+            self.lines = yaml_line_map(self.node)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             problem = getattr(err, "problem", None) or str(err)
@@ -178,6 +179,15 @@ class _Source:
     def error(self, fld: str, message: str, hint: str) -> ConfigError:
         return ConfigError(self.path, message, hint, field=fld, line=line_of(self.lines, fld))
 
+    def raw_scalar(self, fld: str) -> str | None:
+        """A scalar as written: `version: 2.10` is the float 2.1 to YAML, "2.10" here."""
+        node = self.node
+        for part in fld.split("."):
+            if not isinstance(node, yaml.MappingNode):
+                return None
+            node = next((v for k, v in node.value if str(k.value) == part), None)
+        return node.value if isinstance(node, yaml.ScalarNode) else None
+
 
 def _read_text(path: Path) -> str:
     try:
@@ -187,7 +197,7 @@ def _read_text(path: Path) -> str:
                           "Save the file as UTF-8.") from None
 
 
-def yaml_line_map(text: str) -> dict[str, int]:
+def yaml_line_map(text_or_node) -> dict[str, int]:
     """Dotted field path -> 1-based line, from the YAML node tree (list items by index)."""
     out: dict[str, int] = {}
 
@@ -203,7 +213,10 @@ def yaml_line_map(text: str) -> dict[str, int]:
                 out.setdefault(path, value.start_mark.line + 1)
                 walk(value, path)
 
-    walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    node = text_or_node
+    if isinstance(node, str):
+        node = yaml.compose(node, Loader=yaml.SafeLoader)
+    walk(node, "")
     return out
 
 
@@ -451,6 +464,8 @@ def _load_metadata(cube: Cube, src: _Source) -> None:
     fw = _mapping(src, "framework")
     env.framework = {"name": _opt_str(src, "framework.name", fw.get("name")),
                      "version": _opt_str(src, "framework.version", fw.get("version"))}
+    if isinstance(fw.get("version"), float):
+        env.framework["version"] = src.raw_scalar("framework.version")
     runtime, reqs = _framework_runtime(src, fw.get("runtime"))
     if runtime is not None:
         env.runtime_name, env.python_version = _parse_interpreter(src, runtime)

@@ -293,6 +293,13 @@ def test_framework_is_not_added_when_already_listed_by_name(tmp_path):
     assert load_cube(root).env.requirements == ["numpy", "tensorflow==2.16.1"]
 
 
+def test_framework_version_keeps_its_written_digits(tmp_path):
+    root = make_cube(tmp_path, metadata="framework: {name: tensorflow, version: 2.10, "
+                                        "runtime: python3}\nentry_point: main.py\n")
+    env = load_cube(root).env
+    assert env.framework["version"] == "2.10" and env.requirements == ["tensorflow==2.10.*"]
+
+
 def test_unknown_interpreter_is_a_config_error(tmp_path):
     err = config_error(make_cube(tmp_path, metadata="framework: {runtime: ruby3}\n"
                                                     "entry_point: main.py\n"))
