@@ -45,7 +45,8 @@ class LabHost:
 
     @property
     def dir(self) -> Path:
-        return host_dir(self.name)
+        """$CUBE_HOME/lab/hosts/NAME (the root lives inside it), whatever CUBE_HOME is now."""
+        return Path(self.root).parent
 
 
 # ---- paths and names ------------------------------------------------------------------------

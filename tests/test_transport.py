@@ -1,0 +1,193 @@
+"""SSH transport against real sshd lab hosts: quoting, host keys, retries, ProxyJump, agent."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+
+import pytest
+
+from controller import paths
+from controller.errors import CubeError, HostUnreachable
+from controller.hosts import resolve_host
+from controller.transport import ConnectionLost, connect
+
+pytestmark = pytest.mark.integration
+
+
+def attempts(caplog) -> int:
+    return sum("attempt" in r.getMessage() and r.getMessage().startswith("connecting")
+               for r in caplog.records)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_passes_hostile_args_verbatim(lab_home, tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = [f"$(touch {marker})", f"`touch {marker}`", "a b  c", "it's", 'say "hi"', "",
+               "*", "; rm -rf /nope", "\\n", "tab\there", "ünï"]
+    with connect("lab1") as conn:
+        result = conn.run(["printf", r"%s\0", *hostile])
+    assert result.stdout.split("\0")[:-1] == hostile
+    assert not marker.exists()
+
+
+def test_run_exit_codes_input_and_sh(lab_home):
+    data = os.urandom(3 * 1024 * 1024)
+    with connect("lab1") as conn:
+        assert conn.run(["sh", "-c", "echo oops >&2; exit 7"], check=False).code == 7
+        with pytest.raises(CubeError) as err:
+            conn.run(["sh", "-c", "echo the-reason >&2; exit 5"])
+        assert "exited with code 5" in str(err.value) and "the-reason" in str(err.value)
+        echoed = conn.run(["sha256sum"], input=data).stdout.split()[0]
+        assert echoed == hashlib.sha256(data).hexdigest()
+        r = conn.sh("x=$((6*7)); echo $x; echo err >&2; exit 3")
+        assert (r.code, r.stdout, r.stderr) == (3, "42\n", "err\n")
+        assert conn.is_alive(probe_timeout=5)
+
+
+def test_unknown_host_key_is_refused_with_fix(lab, cube_home):
+    shutil.copy(lab.inventory, cube_home / "hosts.yaml")  # inventory but no known_hosts
+    with pytest.raises(CubeError) as err:
+        connect("lab1")
+    assert not isinstance(err.value, HostUnreachable)
+    msg = str(err.value)
+    assert "lab1" in msg and "not known" in msg and "--accept-new-host-key" in msg
+    assert not paths.known_hosts_file().exists()
+
+
+def test_accept_new_stores_key_and_next_connect_needs_no_flag(lab, cube_home):
+    shutil.copy(lab.inventory, cube_home / "hosts.yaml")
+    with connect("lab2", accept_new_host_key=True) as conn:
+        assert conn.run(["true"]).code == 0
+    stored = paths.known_hosts_file().read_text().split()
+    host = lab.host("lab2")
+    pub = (host.dir / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    expected_name = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+    assert stored == [expected_name, *pub]
+    with connect("lab2") as conn:
+        assert conn.run(["echo", "ok"]).stdout == "ok\n"
+
+
+def test_changed_host_key_is_always_an_error(lab, cube_home):
+    shutil.copy(lab.inventory, cube_home / "hosts.yaml")
+    lab1, lab2 = lab.host("lab1"), lab.host("lab2")
+    wrong = (lab2.dir / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    name = lab1.address if lab1.port == 22 else f"[{lab1.address}]:{lab1.port}"
+    paths.known_hosts_file().write_text(f"{name} {wrong[0]} {wrong[1]}\n")
+    for accept in (False, True):
+        with pytest.raises(CubeError) as err:
+            connect("lab1", accept_new_host_key=accept)
+        assert "CHANGED" in str(err.value) and "lab1" in str(err.value)
+    assert paths.known_hosts_file().read_text().count("\n") == 1  # nothing was added
+
+
+def test_auth_failure_is_not_retried(lab_home, tmp_path, caplog):
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    spec = resolve_host("lab1")
+    spec.identity_files = [str(key)]
+    with caplog.at_level(logging.DEBUG, logger="cube.transport"):
+        with pytest.raises(CubeError) as err:
+            connect(spec, retries=5)
+    assert not isinstance(err.value, HostUnreachable)
+    assert "Authentication" in str(err.value) and str(key) in err.value.hint
+    assert attempts(caplog) == 1
+
+
+def test_closed_port_is_unreachable_after_retries(lab_home, caplog):
+    spec = resolve_host("lab1")
+    spec.hostname, spec.port = "127.0.0.1", free_port()
+    with caplog.at_level(logging.DEBUG, logger="cube.transport"):
+        with pytest.raises(HostUnreachable) as err:
+            connect(spec, connect_timeout=2, retries=3)
+    assert err.value.exit_code == 3 and "lab1" in str(err.value)
+    assert attempts(caplog) == 3
+
+
+def test_cut_link_is_unreachable(lab_home):
+    if not lab_home.netns:
+        pytest.skip("links can only be cut when the lab runs in network namespaces (root)")
+    lab_home.cut_link("lab2")
+    try:
+        with pytest.raises(HostUnreachable) as err:
+            connect("lab2", connect_timeout=2)
+        assert err.value.exit_code == 3
+    finally:
+        lab_home.restore_link("lab2")
+    with connect("lab2") as conn:  # and back once the link is restored
+        assert conn.run(["true"]).code == 0
+
+
+def test_dropped_session_raises_connection_lost_then_reconnects(lab_home):
+    with connect("lab2") as conn:
+        assert conn.run(["true"]).code == 0
+        assert lab_home.kill_ssh_sessions("lab2") >= 1
+        with pytest.raises(ConnectionLost):
+            conn.run(["sleep", "5"])
+        assert not conn.is_alive()
+        conn.reconnect()
+        assert conn.run(["echo", "back"]).stdout == "back\n"
+
+
+def test_proxy_jump_through_lab1(lab_home):
+    spec = resolve_host("lab2")
+    spec.proxy_jump = "lab1"
+    with connect(spec) as conn:
+        client_ip = conn.run(["sh", "-c", 'echo "$SSH_CONNECTION"']).stdout.split()[0]
+        assert conn._jump is not None and conn._jump.spec.name == "lab1"
+    if lab_home.netns:  # lab2 saw the connection come from lab1's own address
+        assert client_ip == lab_home.host("lab1").address
+
+
+def test_root_tilde_is_expanded_remotely(lab_home):
+    spec = resolve_host("lab1")
+    spec.root = "~/cube-root"
+    with connect(spec) as conn:
+        home = conn.run(["sh", "-c", 'printf %s "$HOME"']).stdout
+        assert conn.root == f"{home}/cube-root"
+
+
+def test_agent_uploaded_once_by_hash(lab_home):
+    spec = resolve_host("lab1")
+    spec.root = f"{spec.root}/t-{uuid.uuid4().hex[:8]}"
+    digest = hashlib.sha256(paths.agent_source().read_bytes()).hexdigest()
+    with connect(spec) as conn:
+        path = conn.ensure_agent()
+        assert conn.agent_uploaded
+        assert path == f"{spec.root}/agent/{digest[:16]}/cube_agent.py"
+        assert conn.run(["sha256sum", path]).stdout.split()[0] == digest
+        assert conn.run(["python3", path, "--help"]).code == 0
+        inode = conn.run(["stat", "-c", "%i", path]).stdout
+    with connect(spec) as conn:
+        assert conn.ensure_agent() == path and not conn.agent_uploaded
+        assert conn.run(["stat", "-c", "%i", path]).stdout == inode
+        assert conn.run(["ls", "-a", os.path.dirname(path)]).stdout.split() == \
+            [".", "..", "cube_agent.py"]  # no temp file left behind
+
+
+def test_agent_errors_become_cube_errors(lab_home, tmp_path, monkeypatch):
+    fake = tmp_path / "cube_agent.py"
+    fake.write_text("import json, sys\n"
+                    "if sys.argv[3] == 'ok': print(json.dumps({'argv': sys.argv[1:]}))\n"
+                    "elif sys.argv[3] == 'bad': print('not json'); sys.exit(1)\n"
+                    "else: print(json.dumps({'error': 'boom happened', 'hint': 'do x'})); sys.exit(1)\n")
+    monkeypatch.setattr(paths, "agent_source", lambda: fake)
+    spec = resolve_host("lab1")
+    spec.root = f"{spec.root}/t-{uuid.uuid4().hex[:8]}"
+    with connect(spec) as conn:
+        assert conn.agent("ok", "a b", input=b"{}") == {"argv": ["--root", spec.root, "ok", "a b"]}
+        with pytest.raises(CubeError) as err:
+            conn.agent("fail")
+        assert "boom happened" in str(err.value) and err.value.hint == "do x"
+        with pytest.raises(CubeError, match="no JSON"):
+            conn.agent("bad")
