@@ -22,6 +22,771 @@ class AgentError(Exception):
 
 
 # ---- jobs and probe (owner: jobs section) ---------------------------------------------------
+# A job is a folder ROOT/jobs/<id>/ holding spec.json, state.json, output.log and supervisor.log.
+# `launch` double-forks a detached supervisor (the `supervise` verb, in its own session with no
+# SSH pipes) that runs the job's tasks in order, each in its own process group, appending their
+# output to output.log and recording every transition in state.json. The supervisor holds an
+# exclusive flock on supervisor.lock for its whole life, inherited from `launch` so there is no
+# unguarded gap: an unfinished job whose lock is free has lost its supervisor and is "lost".
+# Imports live here, not at the top, so the sections of this shared file never collide.
+
+import contextlib
+import csv
+import datetime
+import errno
+import fcntl
+import glob
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import traceback
+
+STATE_VERSION = 1
+FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
+ACTIVE_STATES = ("pending", "running")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LAUNCH_WAIT_S = 30.0  # how long `launch` waits for the supervisor to report "running"
+DEFAULT_GRACE_S = 10.0
+PROBE_TIMEOUT_S = 5.0
+PYTHON_NAMES = ["python3"] + ["python3.%d" % minor for minor in range(8, 15)]
+PYTHON_DIRS = ["/usr/bin", "/usr/local/bin", "/opt/homebrew/bin", "/opt/local/bin",
+               "/opt/conda/bin", "~/.local/bin", "~/.pyenv/shims", "~/.pyenv/versions/*/bin",
+               "~/miniconda3/bin", "~/anaconda3/bin"]
+VERSION_SNIPPET = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def save_json_atomic(path, obj):
+    """Temp file in the same folder, fsync, rename, fsync the folder: readers and crashes see the
+    old file or the new one, never a torn one."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(obj, out, indent=1, sort_keys=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def boot_id():
+    """Changes on every boot (Linux); None elsewhere, where the lock alone detects lost jobs."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+# -- job folders and locks
+
+def job_dir(root, job_id):
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise AgentError("job id %r is not valid." % (job_id,),
+                         hint="use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                              "or digit")
+    return os.path.join(root, "jobs", job_id)
+
+
+def existing_job_dir(root, job_id):
+    path = job_dir(root, job_id)
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise AgentError("there is no job %r under %s." % (job_id, root),
+                         hint="run `list-jobs` to see this host's jobs")
+    return path
+
+
+def try_lock(path):
+    """An exclusive flock taken without waiting: its fd, or None when another holder has it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return None
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def held_lock(path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def supervisor_alive(path):
+    fd = try_lock(os.path.join(path, "supervisor.lock"))
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def vanished_reason(path, state):
+    """Why an unfinished job can no longer finish, or None while its supervisor lives."""
+    current = boot_id()
+    if state.get("boot_id") and current and state["boot_id"] != current:
+        return "the host rebooted while the job ran"
+    if not supervisor_alive(path):
+        return "the job's supervisor ended without recording an end (killed, or out of memory)"
+    return None
+
+
+def with_log_size(path, state):
+    try:
+        state["log_bytes"] = os.path.getsize(os.path.join(path, "output.log"))
+    except OSError:
+        state["log_bytes"] = 0
+    return state
+
+
+def load_state(path):
+    """state.json; an unfinished job whose supervisor is gone is reported, and persisted, as lost."""
+    state = load_json(os.path.join(path, "state.json"))
+    if state["state"] in ACTIVE_STATES:
+        state = end_if_vanished(path, "lost")
+    return with_log_size(path, state)
+
+
+def end_if_vanished(path, final, error=None):
+    """Under the state lock (one judge at a time), re-read the state and, if the job is still
+    unfinished and its supervisor gone, persist it as `final`."""
+    with held_lock(os.path.join(path, "state.lock")):
+        state = load_json(os.path.join(path, "state.json"))
+        reason = vanished_reason(path, state) if state["state"] in ACTIVE_STATES else None
+        if reason:
+            state.update(state=final, ended_at=utc_now(), error=error or reason)
+            save_json_atomic(os.path.join(path, "state.json"), state)
+        return state
+
+
+def all_states(root):
+    jobs_root = os.path.join(root, "jobs")
+    names = sorted(os.listdir(jobs_root)) if os.path.isdir(jobs_root) else []
+    states = []
+    for name in names:
+        path = os.path.join(jobs_root, name)
+        if JOB_ID_RE.match(name) and os.path.isfile(os.path.join(path, "state.json")):
+            states.append(load_state(path))
+    return sorted(states, key=lambda state: state.get("created_at") or "")
+
+
+# -- the job spec
+
+def spec_error(message):
+    return AgentError("launch: the job spec " + message,
+                      hint="send one JSON object on stdin: {job_id, name, argv: [..], cwd, env: "
+                           "{..}, task_names: [..]} or `tasks: [{name, argv, cwd}]` instead of argv")
+
+
+def check_task(task, where):
+    if not isinstance(task, dict):
+        raise spec_error("%s must be an object, got %r." % (where, task))
+    argv = task.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise spec_error("%s.argv must be a non-empty list of strings, got %r." % (where, argv))
+    if not isinstance(task.get("name", ""), str):
+        raise spec_error("%s.name must be a string." % where)
+    if task.get("cwd") is not None and not isinstance(task["cwd"], str):
+        raise spec_error("%s.cwd must be a string (a path), got %r." % (where, task["cwd"]))
+
+
+def spec_tasks(spec):
+    """The tasks a spec runs in order: its `tasks`, or one task made of its own argv and cwd."""
+    if spec.get("tasks") is not None:
+        tasks = spec["tasks"]
+        if not isinstance(tasks, list) or not tasks:
+            raise spec_error("field tasks must be a non-empty list of {name, argv, cwd} objects.")
+        for number, task in enumerate(tasks):
+            check_task(task, "tasks[%d]" % number)
+        return [dict(task, name=task.get("name") or "task%d" % (n + 1))
+                for n, task in enumerate(tasks)]
+    names = spec.get("task_names") or [spec.get("name") or "task"]
+    task = {"name": "+".join(str(name) for name in names), "argv": spec.get("argv"),
+            "cwd": spec.get("cwd")}
+    check_task(task, "spec")
+    return [task]
+
+
+def read_spec(stream):
+    try:
+        spec = json.load(stream)
+    except ValueError as err:
+        raise spec_error("on stdin is not valid JSON (%s)." % err)
+    if not isinstance(spec, dict):
+        raise spec_error("must be a JSON object.")
+    job_dir("", spec.get("job_id"))  # validates the id before anything is created
+    env = spec.get("env") or {}
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise spec_error("field env must map names to string values.")
+    if spec.get("cwd") is not None and not isinstance(spec["cwd"], str):
+        raise spec_error("field cwd must be a string (a path).")
+    spec_tasks(spec)
+    return spec
+
+
+# -- launch
+
+def launch_verb(args):
+    spec = read_spec(sys.stdin)
+    path = job_dir(args.root, spec["job_id"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        raise AgentError("job %r already exists under %s." % (spec["job_id"], args.root),
+                         hint="job ids are unique: launch with a new id, or follow the existing "
+                              "job with `status %s`" % spec["job_id"])
+    save_json_atomic(os.path.join(path, "spec.json"), spec)
+    open(os.path.join(path, "output.log"), "ab").close()
+    save_json_atomic(os.path.join(path, "state.json"), new_state(spec))
+    lock_fd = try_lock(os.path.join(path, "supervisor.lock"))  # a fresh folder: always free
+    try:
+        spawn_supervisor(args.root, spec["job_id"], path, lock_fd)
+    finally:
+        os.close(lock_fd)  # from here on only the supervisor holds the lock
+    return wait_started(path)
+
+
+def new_state(spec):
+    return {"version": STATE_VERSION, "job_id": spec["job_id"], "name": spec.get("name"),
+            "state": "pending", "tasks": [task["name"] for task in spec_tasks(spec)],
+            "task": None, "pid": None, "pgid": None, "task_pid": None, "task_pgid": None,
+            "exit_code": None, "error": None, "created_at": utc_now(), "started_at": None,
+            "ended_at": None, "boot_id": boot_id()}
+
+
+def agent_python():
+    return sys.executable or shutil.which("python3") or "/usr/bin/python3"
+
+
+def spawn_supervisor(root, job_id, path, lock_fd):
+    """Double fork: the supervisor gets its own session, no terminal and none of the SSH
+    channel's pipes, so it outlives the SSH session and this process; init adopts it."""
+    argv = [agent_python(), os.path.abspath(__file__), "--root", root, "supervise", job_id,
+            "--lock-fd", str(lock_fd)]
+    log_path = os.path.join(path, "supervisor.log")
+    pid = os.fork()
+    if pid == 0:  # only os.* calls until exec or _exit: this is a forked copy of the agent
+        code = 127
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                null_fd = os.open(os.devnull, os.O_RDONLY)
+                log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(null_fd, 0)
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                os.set_inheritable(lock_fd, True)
+                os.chdir(path)
+                os.execv(argv[0], argv)
+            code = 0
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+
+
+def wait_started(path):
+    deadline = time.monotonic() + LAUNCH_WAIT_S
+    while True:
+        state = load_json(os.path.join(path, "state.json"))
+        if state["state"] != "pending" or time.monotonic() > deadline:
+            return with_log_size(path, state)
+        if not supervisor_alive(path):
+            return with_log_size(path, end_if_vanished(
+                path, "failed", "the job's supervisor did not start: " + supervisor_log_tail(path)))
+        time.sleep(0.005)
+
+
+def supervisor_log_tail(path):
+    try:
+        with open(os.path.join(path, "supervisor.log"), "rb") as handle:
+            text = handle.read()[-2000:].decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "(supervisor.log is empty)"
+
+
+# -- the supervisor
+
+def supervise_verb(args):
+    path = existing_job_dir(args.root, args.job)
+    os.set_inheritable(args.lock_fd, False)  # held till we exit; never passed to the tasks
+    cancel = []  # the SIGTERM handler only appends: all the work happens in the main loop
+    signal.signal(signal.SIGTERM, lambda signum, frame: cancel.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: cancel.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    spec = load_json(os.path.join(path, "spec.json"))
+    state = load_json(os.path.join(path, "state.json"))
+    state.update(state="running", pid=os.getpid(), pgid=os.getpgid(0), started_at=utc_now(),
+                 boot_id=boot_id())
+    save_json_atomic(os.path.join(path, "state.json"), state)
+    if os.path.exists(os.path.join(path, "cancel.json")):
+        cancel.append(signal.SIGTERM)  # cancelled before we were up
+    try:
+        final, code, error = run_tasks(path, spec, state, cancel)
+    except Exception as err:  # recorded, so the job ends "failed" instead of "lost"
+        traceback.print_exc()
+        final, code, error = "failed", None, "the job's supervisor failed: %r" % err
+    state.update(state=final, exit_code=code, error=error, ended_at=utc_now())
+    save_json_atomic(os.path.join(path, "state.json"), state)
+    return None
+
+
+def task_env(spec):
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # so a followed log shows lines as they happen
+    env.update(spec.get("env") or {})
+    return env
+
+
+def task_cwd(root, path, spec, task):
+    """A task's folder: its own cwd, else the spec's; relative paths are under ROOT; by default
+    the job's workspace/ folder."""
+    cwd = task.get("cwd") or spec.get("cwd")
+    if not cwd:
+        cwd = os.path.join(path, "workspace")
+        os.makedirs(cwd, exist_ok=True)
+    return os.path.join(root, os.path.expanduser(cwd))
+
+
+def run_tasks(path, spec, state, cancel):
+    """Run the tasks in order, stopping at the first failure: (final state, exit code, error)."""
+    root = os.path.dirname(os.path.dirname(path))
+    env = task_env(spec)
+    log_fd = os.open(os.path.join(path, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                     0o644)
+    try:
+        for task in spec_tasks(spec):
+            if cancel:
+                return "cancelled", None, None
+            try:
+                proc = subprocess.Popen(task["argv"], cwd=task_cwd(root, path, spec, task),
+                                        env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as err:
+                message = "cube-agent: cannot start task %r: %s" % (task["name"], err)
+                os.write(log_fd, (message + "\n").encode("utf-8"))
+                return "failed", 127, message
+            state.update(task=task["name"], task_pid=proc.pid, task_pgid=proc.pid)
+            save_json_atomic(os.path.join(path, "state.json"), state)
+            code = wait_task(proc, cancel, path)
+            if cancel:
+                return "cancelled", code, None
+            if code != 0:
+                return "failed", code, None
+        return "succeeded", 0, None
+    finally:
+        os.close(log_fd)
+
+
+def wait_task(proc, cancel, path):
+    """The task's exit code (128+N when killed by signal N), stopping it on cancel. Processes
+    it leaves behind in its group are killed: the job ends when its task does."""
+    while True:
+        try:
+            code = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if cancel:
+                code = stop_group(proc.pid, cancel_grace(path), proc)
+                break
+    signal_group(proc.pid, signal.SIGKILL)
+    return 128 - code if code < 0 else code
+
+
+def cancel_grace(path):
+    try:
+        return float(load_json(os.path.join(path, "cancel.json"))["grace"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_GRACE_S
+
+
+def signal_group(pgid, signum):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def group_exists(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(pgid, grace, proc=None):
+    """SIGTERM to the group; SIGKILL once the grace has passed with any member left. `proc`, when
+    we are the leader's parent, is reaped as we go (its zombie would keep the group alive)."""
+    signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc is not None:
+            proc.poll()
+        if (proc is None or proc.returncode is not None) and not group_exists(pgid):
+            break
+        time.sleep(0.05)
+    signal_group(pgid, signal.SIGKILL)
+    return proc.wait() if proc is not None else None
+
+
+# -- status, logs, cancel
+
+def status_verb(args):
+    if args.all:
+        return {"jobs": all_states(args.root)}
+    if args.name:
+        named = [state for state in all_states(args.root) if state.get("name") == args.name]
+        if not named:
+            raise AgentError("there is no job named %r under %s." % (args.name, args.root),
+                             hint="`list-jobs --name NAME` answers an empty list instead")
+        return named[-1]
+    if args.job:
+        return load_state(existing_job_dir(args.root, args.job))
+    raise AgentError("status needs a job id, --name NAME or --all.",
+                     hint="e.g. `status JOB_ID`")
+
+
+def list_jobs_verb(args):
+    states = all_states(args.root)
+    if args.name:
+        states = [state for state in states if state.get("name") == args.name]
+    return {"jobs": states}
+
+
+def logs_verb(args):
+    path = existing_job_dir(args.root, args.job)
+    out = sys.stdout.buffer
+    with open(os.path.join(path, "output.log"), "rb") as log:
+        size = os.fstat(log.fileno()).st_size
+        if args.offset < 0 or args.offset > size:
+            raise AgentError("offset %d is outside the job's log (%d bytes so far)."
+                             % (args.offset, size), hint="pass an offset from 0 to the log size")
+        log.seek(args.offset)
+        try:
+            while True:
+                # Read the state first: once it is final, everything the job wrote is in the file.
+                final = args.follow and load_state(path)["state"] in FINAL_STATES
+                copy_to_end(log, out)
+                if final or not args.follow:
+                    return None
+                time.sleep(args.poll)
+        except BrokenPipeError:  # the reader went away: nothing left to say
+            null_fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null_fd, out.fileno())
+            return None
+
+
+def copy_to_end(log, out):
+    while True:
+        chunk = log.read(1 << 16)
+        if not chunk:
+            return
+        out.write(chunk)
+        out.flush()
+
+
+def cancel_verb(args):
+    path = existing_job_dir(args.root, args.job)
+    if load_state(path)["state"] in ("succeeded", "failed", "cancelled"):
+        return load_state(path)
+    # The request goes first: a supervisor not yet up finds it; one already up has its pid read.
+    save_json_atomic(os.path.join(path, "cancel.json"), {"grace": args.grace,
+                                                          "requested_at": utc_now()})
+    state = load_state(path)
+    if state["state"] in ACTIVE_STATES and state.get("pid"):
+        signal_pid(state["pid"], signal.SIGTERM)  # the supervisor stops the task and records it
+    container = load_json(os.path.join(path, "spec.json")).get("docker_container")
+    if container:
+        docker_stop(container, args.grace)
+    state = wait_final(path, args.grace + 10.0)
+    if state["state"] in ACTIVE_STATES or state["state"] == "lost":
+        state = cancel_without_supervisor(path, state, args.grace)
+    return with_log_size(path, state)
+
+
+def signal_pid(pid, signum):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
+
+
+def docker_stop(container, grace):
+    """Killing the docker CLI does not stop its container: ask the daemon. Errors (already
+    gone, never started) change nothing for the job's state, so they are ignored."""
+    if shutil.which("docker"):
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            subprocess.run(["docker", "stop", "-t", str(int(grace)), container],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=grace + 30.0)
+
+
+def wait_final(path, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        state = load_state(path)
+        if state["state"] in FINAL_STATES or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
+
+
+def cancel_without_supervisor(path, state, grace):
+    """The supervisor is gone (lost) or stuck: stop the task's group and the supervisor here."""
+    same_boot = not state.get("boot_id") or state["boot_id"] == boot_id()
+    if same_boot and state["state"] in ACTIVE_STATES and state.get("pid"):
+        signal_pid(state["pid"], signal.SIGKILL)
+    if same_boot and state.get("task_pgid"):
+        stop_group(state["task_pgid"], grace)
+    deadline = time.monotonic() + 5.0
+    while supervisor_alive(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with held_lock(os.path.join(path, "state.lock")):
+        state = load_json(os.path.join(path, "state.json"))
+        if state["state"] == "lost" or (state["state"] in ACTIVE_STATES
+                                        and not supervisor_alive(path)):
+            state.update(state="cancelled", ended_at=state.get("ended_at") or utc_now())
+            save_json_atomic(os.path.join(path, "state.json"), state)
+    return state
+
+
+# -- probe
+
+def probe_verb(args):
+    pythons = start_python_probes()
+    docker = start_command(["docker", "version", "--format", "{{.Server.Version}}"])
+    gpus = start_command(["nvidia-smi", "--query-gpu=index,name,memory.total,memory.used",
+                          "--format=csv,noheader,nounits"])
+    result = {"agent_version": AGENT_VERSION, "hostname": socket.gethostname(),
+              "os": os_info(), "root": args.root, "boot_id": boot_id(),
+              "disk_free_bytes": disk_free(args.root), "load": load_average(),
+              "cpu_count": os.cpu_count(), "mem_total_bytes": mem_total()}
+    result["running_jobs"] = [state for state in all_states(args.root)
+                              if state["state"] in ACTIVE_STATES]
+    result["python"] = finish_python_probes(pythons)
+    result["docker"] = docker_info(docker)
+    result["gpus"], result["gpu_error"] = gpu_info(gpus)
+    return result
+
+
+def start_command(argv):
+    """Start a probe command (they run side by side); None when it is not installed."""
+    if not (os.path.isabs(argv[0]) or shutil.which(argv[0])):
+        return None
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except OSError:
+        return None
+
+
+def finish_command(proc, timeout=PROBE_TIMEOUT_S):
+    """(exit code, stdout, stderr) as text; exit code None when it ran past the timeout."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return None, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def python_candidates():
+    """Interpreter paths by name, from PATH then common folders; one path per real file."""
+    folders = os.environ.get("PATH", "").split(os.pathsep)
+    for pattern in PYTHON_DIRS:
+        folders.extend(sorted(glob.glob(os.path.expanduser(pattern))))
+    found, seen = [], set()
+    for name in PYTHON_NAMES:
+        for folder in folders:
+            candidate = os.path.join(folder, name)
+            if not folder or not os.path.isfile(candidate) or not os.access(candidate, os.X_OK):
+                continue
+            real = os.path.realpath(candidate)
+            if real not in seen:
+                seen.add(real)
+                found.append(candidate)
+    return found
+
+
+def start_python_probes():
+    probes = []
+    for path in python_candidates():
+        probes.append((path, start_command([path, "-I", "-S", "-c", VERSION_SNIPPET])))
+    return probes
+
+
+def finish_python_probes(probes):
+    pythons = []
+    for path, proc in probes:
+        if proc is None:
+            continue
+        code, out, _ = finish_command(proc)
+        if code == 0 and out.strip():
+            pythons.append({"path": path, "version": out.strip()})
+    return pythons
+
+
+def docker_info(proc):
+    if proc is None:
+        return {"cli": False, "reachable": False, "server_version": None,
+                "error": "there is no docker CLI on PATH",
+                "hint": "install Docker (e.g. apt-get install docker.io) to use the docker runtime"}
+    code, out, err = finish_command(proc)
+    info = {"cli": True, "reachable": code == 0, "server_version": None, "error": None,
+            "hint": None}
+    if code == 0:
+        info["server_version"] = out.strip() or None
+    elif code is None:
+        info.update(error="docker did not answer within %d s" % PROBE_TIMEOUT_S,
+                    hint="check the Docker daemon (systemctl status docker)")
+    elif "permission denied" in err.lower():
+        info.update(error="permission denied on the Docker socket",
+                    hint="add the user to the docker group (sudo usermod -aG docker USER), "
+                         "then log in again")
+    elif "cannot connect" in err.lower() or "is the docker daemon running" in err.lower():
+        info.update(error="the Docker daemon is not running",
+                    hint="start it (sudo systemctl start docker)")
+    else:
+        lines = err.strip().splitlines() or ["exit code %s" % code]
+        info.update(error="docker version failed: " + lines[-1],
+                    hint="run `docker version` on the host to see why")
+    return info
+
+
+def gpu_info(proc):
+    """(GPUs from nvidia-smi, error or None); no nvidia-smi means no GPUs, not an error."""
+    if proc is None:
+        return [], None
+    code, out, err = finish_command(proc, timeout=15.0)
+    if code != 0:
+        return [], "nvidia-smi failed: " + ((err or out).strip() or "exit code %s" % code)
+    gpus = []
+    for row in csv.reader(out.strip().splitlines(), skipinitialspace=True):
+        if len(row) >= 4:
+            gpus.append({"index": as_int(row[0]), "name": row[1].strip(),
+                         "memory_total_mib": as_int(row[2]), "memory_used_mib": as_int(row[3])})
+    return gpus, None
+
+
+def as_int(text):
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None  # "[N/A]" on some boards
+
+
+def os_info():
+    uname = os.uname()
+    info = {"system": uname.sysname, "release": uname.release, "version": uname.version,
+            "machine": uname.machine, "pretty_name": None}
+    with contextlib.suppress(OSError):
+        with open("/etc/os-release") as handle:
+            for line in handle:
+                if line.startswith("PRETTY_NAME="):
+                    info["pretty_name"] = line.split("=", 1)[1].strip().strip('"')
+    return info
+
+
+def disk_free(root):
+    folder = root
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)  # ROOT may not exist yet: measure where it will be
+    return shutil.disk_usage(folder).free
+
+
+def load_average():
+    try:
+        return list(os.getloadavg())
+    except (OSError, AttributeError):
+        return None
+
+
+def mem_total():
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+# -- verb table (merged into VERBS in the command line section)
+
+def add_no_arguments(parser):
+    return parser
+
+
+def add_job_argument(parser):
+    parser.add_argument("job", help="job id")
+
+
+def add_status_arguments(parser):
+    parser.add_argument("job", nargs="?", help="job id")
+    parser.add_argument("--name", help="the newest job with this name")
+    parser.add_argument("--all", action="store_true", help="every job under ROOT")
+
+
+def add_list_arguments(parser):
+    parser.add_argument("--name", help="only jobs with this name")
+
+
+def add_logs_arguments(parser):
+    add_job_argument(parser)
+    parser.add_argument("--offset", type=int, default=0, help="first byte to send")
+    parser.add_argument("--follow", action="store_true", help="until the job ends")
+    parser.add_argument("--poll", type=float, default=0.2, help="seconds between checks")
+
+
+def add_cancel_arguments(parser):
+    add_job_argument(parser)
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+                        help="seconds between SIGTERM and SIGKILL")
+
+
+def add_supervise_arguments(parser):
+    add_job_argument(parser)
+    parser.add_argument("--lock-fd", type=int, required=True, help=argparse.SUPPRESS)
+
+
+JOB_VERBS = {
+    "probe": (add_no_arguments, probe_verb),
+    "launch": (add_no_arguments, launch_verb),
+    "supervise": (add_supervise_arguments, supervise_verb),
+    "status": (add_status_arguments, status_verb),
+    "list-jobs": (add_list_arguments, list_jobs_verb),
+    "logs": (add_logs_arguments, logs_verb),
+    "cancel": (add_cancel_arguments, cancel_verb),
+}
 
 
 # ---- sync (owner: sync section) -------------------------------------------------------------
@@ -572,6 +1337,7 @@ def register_sync_verbs(verbs):
 # ---- command line -----------------------------------------------------------------------------
 
 VERBS = {}  # verb name -> (add_arguments(parser), handler(args) -> dict | None)
+VERBS.update(JOB_VERBS)
 register_sync_verbs(VERBS)  # sync section
 
 

@@ -1,0 +1,355 @@
+"""The agent's job and probe verbs, run as a real subprocess against a temp ROOT: real processes,
+real signals, real files."""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import os
+import py_compile
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+AGENT = REPO / "agent" / "cube_agent.py"
+PY = sys.executable
+WAIT_S = 60.0  # a safety net against hangs, never a speed assertion
+
+
+def agent(root, *args, stdin=None, python=PY, env=None, check=True):
+    """Run one verb; its JSON answer (or raw stdout for logs) plus the process."""
+    proc = subprocess.run([python, "-X", "dev", str(AGENT), "--root", str(root), *args],
+                          input=stdin, capture_output=True, timeout=WAIT_S, env=env)
+    assert proc.stderr == b"", proc.stderr.decode()  # -X dev: no warnings, no tracebacks
+    if check:
+        assert proc.returncode == 0, proc.stdout.decode()
+    return proc
+
+
+def call(root, *args, **kwargs):
+    return json.loads(agent(root, *args, **kwargs).stdout)
+
+
+def launch(root, job_id, code=None, tasks=None, name="job", python=PY, **extra):
+    spec = {"job_id": job_id, "name": name, "env": {"CUBE_TEST": "1"}, **extra}
+    if tasks is not None:
+        spec["tasks"] = tasks
+    else:
+        spec["argv"] = [PY, "-c", code]
+    return call(root, "launch", stdin=json.dumps(spec).encode(), python=python)
+
+
+def wait_final(root, job_id, python=PY):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        state = call(root, "status", job_id, python=python)
+        if state["state"] in ("succeeded", "failed", "cancelled", "lost"):
+            return state
+        time.sleep(0.05)
+    raise AssertionError("job %s did not end" % job_id)
+
+
+def wait_for(predicate, what):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def live_members(pgid):
+    """Pids of non-zombie processes in a process group."""
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.split("/")[2]))
+    return pids
+
+
+def log_of(root, job_id):
+    return (Path(root) / "jobs" / job_id / "output.log").read_bytes()
+
+
+@pytest.fixture
+def root(tmp_path):
+    yield tmp_path / "cube-root"
+    # Leave nothing running: kill every job's task group and supervisor still alive.
+    for state_file in glob.glob(str(tmp_path / "cube-root" / "jobs" / "*" / "state.json")):
+        state = json.loads(Path(state_file).read_text())
+        for pgid in (state.get("task_pgid"), state.get("pgid")):
+            if pgid:
+                for pid in live_members(pgid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+# -- the file itself
+
+def test_agent_compiles_and_is_stdlib_only_for_python_3_8(tmp_path):
+    py_compile.compile(str(AGENT), cfile=str(tmp_path / "agent.pyc"), doraise=True)
+    tree = ast.parse(AGENT.read_text(), feature_version=(3, 8))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    newer_than_3_8 = {"zoneinfo", "graphlib", "tomllib"}
+    assert imported <= set(sys.stdlib_module_names) - newer_than_3_8, imported
+    names = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    assert len(names) == len(set(names)), "a top-level name is defined twice"
+
+
+def test_agent_runs_on_python_3_8(root):
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))
+    python38 = found[0] if found else shutil.which("python3.8")
+    if python38 is None:
+        pytest.skip("no python3.8 on this machine")
+    probe = call(root, "probe", python=python38)
+    assert probe["agent_version"] >= 1
+    assert launch(root, "py38", "print('hi')", python=python38)["state"] != "pending"
+    state = wait_final(root, "py38", python=python38)
+    assert state["state"] == "succeeded" and log_of(root, "py38") == b"hi\n"
+    assert (Path(root) / "jobs" / "py38" / "supervisor.log").read_bytes() == b""
+
+
+# -- probe
+
+def test_probe_reports_the_host(root):
+    probe = call(root, "probe")
+    assert probe["hostname"] == os.uname().nodename
+    assert probe["os"]["system"] == os.uname().sysname
+    assert probe["cpu_count"] == os.cpu_count()
+    assert probe["disk_free_bytes"] > 0 and probe["mem_total_bytes"] > 0
+    assert len(probe["load"]) == 3
+    versions = {entry["version"] for entry in probe["python"]}
+    assert "%d.%d.%d" % sys.version_info[:3] in versions
+    assert len({os.path.realpath(e["path"]) for e in probe["python"]}) == len(probe["python"])
+    docker = probe["docker"]
+    assert docker["cli"] == bool(shutil.which("docker"))
+    assert docker["reachable"] == (docker["error"] is None)
+    if docker["reachable"]:
+        assert docker["server_version"]
+    else:
+        assert docker["hint"]
+    assert isinstance(probe["gpus"], list)
+    if not shutil.which("nvidia-smi"):
+        assert probe["gpus"] == [] and probe["gpu_error"] is None
+    assert probe["running_jobs"] == []
+
+
+def test_probe_distinguishes_a_missing_docker_cli(root, tmp_path):
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = dict(os.environ, PATH=str(bare))
+    docker = call(root, "probe", env=env)["docker"]
+    assert docker["cli"] is False and docker["reachable"] is False
+    assert "no docker CLI" in docker["error"]
+
+
+def test_probe_lists_running_jobs(root):
+    launch(root, "sleeper", "import time; time.sleep(60)")
+    running = call(root, "probe")["running_jobs"]
+    assert [job["job_id"] for job in running] == ["sleeper"]
+    assert call(root, "cancel", "sleeper", "--grace", "5")["state"] == "cancelled"
+
+
+# -- launch, state and logs
+
+def test_failed_job_records_exit_code_and_exact_log(root):
+    code = "import sys\nfor i in range(5): print('line', i)\nsys.stderr.write('oops\\n')\nsys.exit(3)"
+    started = launch(root, "j1", code)
+    assert started["state"] in ("running", "failed") and started["pid"]
+    state = wait_final(root, "j1")
+    assert state["state"] == "failed" and state["exit_code"] == 3
+    assert state["started_at"].endswith("Z") and state["ended_at"] >= state["started_at"]
+    assert state["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    expected = b"".join(b"line %d\n" % i for i in range(5)) + b"oops\n"
+    assert log_of(root, "j1") == expected
+    assert agent(root, "logs", "j1").stdout == expected
+    assert state["log_bytes"] == len(expected)
+    job = Path(root) / "jobs" / "j1"
+    assert not [p.name for p in job.iterdir() if p.name.startswith(".tmp")]
+    assert json.loads((job / "spec.json").read_text())["job_id"] == "j1"
+
+
+def test_task_environment_and_success(root):
+    launch(root, "env", "import os; print(os.environ['CUBE_TEST'], os.getcwd())")
+    state = wait_final(root, "env")
+    assert state["state"] == "succeeded" and state["exit_code"] == 0
+    workspace = (Path(root) / "jobs" / "env" / "workspace").resolve()
+    assert log_of(root, "env") == ("1 %s\n" % workspace).encode()
+
+
+def test_logs_in_two_pieces_lose_and_double_nothing(root, tmp_path):
+    gate = tmp_path / "gate"
+    code = ("import os, time\n"
+            "for i in range(200): print('first', i)\n"
+            "while not os.path.exists(%r): time.sleep(0.01)\n"
+            "for i in range(2000): print('second', i)\n" % str(gate))
+    launch(root, "follow", code)
+    wait_for(lambda: log_of(root, "follow").count(b"\n") >= 200, "the first lines")
+    first = agent(root, "logs", "follow", "--offset", "0").stdout
+    gate.touch()
+    rest = agent(root, "logs", "follow", "--offset", str(len(first)), "--follow",
+                 "--poll", "0.01").stdout
+    expected = "".join("first %d\n" % i for i in range(200))
+    expected += "".join("second %d\n" % i for i in range(2000))
+    assert first + rest == expected.encode()
+    assert wait_final(root, "follow")["state"] == "succeeded"
+
+
+def test_logs_rejects_an_offset_past_the_end(root):
+    launch(root, "short", "print('x')")
+    wait_final(root, "short")
+    proc = agent(root, "logs", "short", "--offset", "99", check=False)
+    assert proc.returncode == 1 and "offset 99" in json.loads(proc.stdout)["error"]
+
+
+def test_logs_exit_quietly_when_the_reader_goes_away(root):
+    launch(root, "big", "import sys\nfor i in range(200000): print('x' * 100)")
+    wait_final(root, "big")
+    proc = subprocess.run("%s -X dev %s --root %s logs big --follow | head -c 10"
+                          % (PY, AGENT, root), shell=True, capture_output=True, timeout=WAIT_S)
+    assert proc.stdout == b"x" * 10
+    assert proc.stderr == b""
+
+
+def test_job_survives_its_launcher_session_being_killed(root, tmp_path):
+    gate = tmp_path / "gate"
+    code = ("import os, time\nprint('started', flush=True)\n"
+            "while not os.path.exists(%r): time.sleep(0.01)\nprint('done')\n" % str(gate))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"job_id": "survivor", "name": "s", "argv": [PY, "-c", code]}))
+    # Like an SSH session: a session leader whose whole group dies after the launch.
+    launcher = subprocess.Popen(
+        "%s %s --root %s launch < %s; echo launched; sleep 600" % (PY, AGENT, root, spec),
+        shell=True, start_new_session=True, stdout=subprocess.PIPE)
+    assert launcher.stdout.readline().startswith(b"{")
+    assert launcher.stdout.readline() == b"launched\n"
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    launcher.stdout.close()
+    assert call(root, "status", "survivor")["state"] == "running"
+    gate.touch()
+    state = wait_final(root, "survivor")
+    assert state["state"] == "succeeded"
+    assert log_of(root, "survivor") == b"started\ndone\n"
+
+
+def test_cancel_kills_a_task_that_ignores_sigterm(root, tmp_path):
+    code = ("import signal, subprocess, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(\"child\", flush=True); "
+            "time.sleep(600)'])\n"
+            "time.sleep(600)\n")
+    launch(root, "stubborn", code)
+    wait_for(lambda: b"child" in log_of(root, "stubborn"), "the child to start")
+    running = call(root, "status", "stubborn")
+    pgid = running["task_pgid"]
+    assert len(live_members(pgid)) == 2
+    state = call(root, "cancel", "stubborn", "--grace", "0.5")
+    assert state["state"] == "cancelled"
+    assert state["exit_code"] == 128 + signal.SIGKILL  # the grace passed: SIGKILL did it
+    assert live_members(pgid) == []
+    assert live_members(running["pgid"]) == []  # the supervisor is gone too
+    assert call(root, "status", "stubborn")["state"] == "cancelled"
+    assert call(root, "cancel", "stubborn")["state"] == "cancelled"  # idempotent
+
+
+def test_cancel_a_task_that_obeys_sigterm_within_the_grace(root):
+    launch(root, "polite", "import time; print('up', flush=True); time.sleep(600)")
+    wait_for(lambda: b"up" in log_of(root, "polite"), "the task to start")
+    state = call(root, "cancel", "polite", "--grace", "30")
+    assert state["state"] == "cancelled" and state["exit_code"] == 128 + signal.SIGTERM
+
+
+def test_killed_supervisor_means_lost(root):
+    launch(root, "orphan", "import time; print('up', flush=True); time.sleep(600)")
+    wait_for(lambda: b"up" in log_of(root, "orphan"), "the task to start")
+    running = call(root, "status", "orphan")
+    os.kill(running["pid"], signal.SIGKILL)
+    wait_for(lambda: running["pid"] not in live_members(running["pgid"]), "the supervisor to die")
+    state = call(root, "status", "orphan")
+    assert state["state"] == "lost" and "supervisor" in state["error"]
+    persisted = json.loads((Path(root) / "jobs" / "orphan" / "state.json").read_text())
+    assert persisted["state"] == "lost"
+    # logs --follow ends on a lost job; cancel stops the task the supervisor left behind.
+    assert agent(root, "logs", "orphan", "--follow").stdout == b"up\n"
+    assert live_members(running["task_pgid"])
+    assert call(root, "cancel", "orphan", "--grace", "5")["state"] == "cancelled"
+    assert live_members(running["task_pgid"]) == []
+
+
+def test_multi_task_job_stops_at_the_first_failure(root):
+    tasks = [{"name": "prepare", "argv": [PY, "-c", "print('prepare')"]},
+             {"name": "train", "argv": [PY, "-c", "print('train'); raise SystemExit(5)"]},
+             {"name": "evaluate", "argv": [PY, "-c", "print('evaluate')"]}]
+    launch(root, "multi", tasks=tasks)
+    state = wait_final(root, "multi")
+    assert state["state"] == "failed" and state["exit_code"] == 5
+    assert state["task"] == "train" and state["tasks"] == ["prepare", "train", "evaluate"]
+    assert log_of(root, "multi") == b"prepare\ntrain\n"
+
+
+def test_a_command_that_cannot_start_fails_the_job(root):
+    tasks = [{"name": "missing", "argv": ["/nonexistent/cube-tool"]}]
+    launch(root, "nostart", tasks=tasks)
+    state = wait_final(root, "nostart")
+    assert state["state"] == "failed" and state["exit_code"] == 127
+    assert b"cannot start task 'missing'" in log_of(root, "nostart")
+
+
+def test_duplicate_job_id_is_refused(root):
+    launch(root, "dup", "print(1)")
+    proc = agent(root, "launch", stdin=json.dumps(
+        {"job_id": "dup", "name": "x", "argv": [PY, "-c", "print(2)"]}).encode(), check=False)
+    assert proc.returncode == 1
+    answer = json.loads(proc.stdout)
+    assert "already exists" in answer["error"] and answer["hint"]
+    wait_final(root, "dup")
+    assert log_of(root, "dup") == b"1\n"
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"job_id": "../escape", "argv": ["true"]}, "job id"),
+    ({"job_id": "ok", "argv": []}, "argv"),
+    ({"job_id": "ok", "argv": ["true"], "env": {"A": 1}}, "env"),
+    ({"job_id": "ok", "tasks": [{"name": "t"}]}, "tasks[0].argv"),
+])
+def test_bad_specs_are_refused_before_anything_is_created(root, spec, words):
+    proc = agent(root, "launch", stdin=json.dumps(spec).encode(), check=False)
+    assert proc.returncode == 1 and words in json.loads(proc.stdout)["error"]
+    assert not (Path(root) / "jobs" / "ok").exists()
+
+
+def test_status_by_name_all_and_unknown(root):
+    for job_id in ("a1", "a2"):
+        launch(root, job_id, "print(%r)" % job_id, name="nightly")
+        wait_final(root, job_id)
+    assert call(root, "status", "--name", "nightly")["job_id"] == "a2"
+    assert [s["job_id"] for s in call(root, "status", "--all")["jobs"]] == ["a1", "a2"]
+    assert call(root, "list-jobs", "--name", "other")["jobs"] == []
+    proc = agent(root, "status", "nope", check=False)
+    assert proc.returncode == 1 and "no job 'nope'" in json.loads(proc.stdout)["error"]
+
+
+def test_supervisor_runs_without_warnings_under_dev_mode(root):
+    env = dict(os.environ, PYTHONDEVMODE="1", PYTHONWARNINGS="error")
+    spec = {"job_id": "dev", "name": "d", "argv": [PY, "-c", "print('ok')"]}
+    agent(root, "launch", stdin=json.dumps(spec).encode(), env=env)
+    assert wait_final(root, "dev")["state"] == "succeeded"
+    assert (Path(root) / "jobs" / "dev" / "supervisor.log").read_bytes() == b""
