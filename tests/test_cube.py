@@ -220,6 +220,12 @@ def test_param_without_default_says_to_add_one(tmp_path):
     assert "default: model/" in err.hint
 
 
+def test_param_with_a_misspelled_key_is_refused(tmp_path):
+    err = config_error(make_cube(tmp_path, MLCUBE.replace("type: directory", "typ: directory")))
+    assert err.field == "tasks.train.parameters.outputs.model.typ" and err.line == 14
+    assert "'type', 'default' and 'opts'" in err.hint
+
+
 def test_param_that_is_a_number_is_refused(tmp_path):
     err = config_error(make_cube(tmp_path, MLCUBE.replace("raw: raw.txt", "raw: 3")))
     assert err.field == "tasks.prep.parameters.inputs.raw" and "not a number" in str(err)
@@ -497,6 +503,13 @@ def test_cli_validate_ok_and_warnings(tmp_path):
     root = make_cube(tmp_path, MLCUBE + "taks: {}\n")
     result = cli("validate", str(root))
     assert result.exit_code == 0 and "warning:" in result.output and "'tasks'" in result.output
+
+
+def test_cli_describe_lists_warnings_and_validate_json(tmp_path):
+    root = make_cube(tmp_path, MLCUBE + "platfrom: {}\n")
+    assert "warnings\n" in cli("describe", str(root)).output
+    data = json.loads(cli("validate", str(root), "--json").output)
+    assert data["ok"] and data["tasks"] == ["prep", "train"] and "'platform'" in data["warnings"][0]
 
 
 def test_cli_validate_error_exits_2_with_file_field_and_hint(tmp_path):
