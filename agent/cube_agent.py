@@ -580,7 +580,7 @@ def cancel_without_supervisor(path, state, grace):
 # -- probe
 
 def probe_verb(args):
-    pythons = start_python_probes()
+    pythons = start_python_probes(args.root)
     docker = start_command(["docker", "version", "--format", "{{.Server.Version}}"])
     gpus = start_command(["nvidia-smi", "--query-gpu=index,name,memory.total,memory.used",
                           "--format=csv,noheader,nounits"])
@@ -590,7 +590,7 @@ def probe_verb(args):
               "cpu_count": os.cpu_count(), "mem_total_bytes": mem_total()}
     result["running_jobs"] = [state for state in all_states(args.root)
                               if state["state"] in ACTIVE_STATES]
-    result["python"] = finish_python_probes(pythons)
+    result["python"] = finish_python_probes(args.root, pythons)
     result["docker"] = docker_info(docker)
     result["gpus"], result["gpu_error"] = gpu_info(gpus)
     return result
@@ -636,21 +636,59 @@ def python_candidates():
     return found
 
 
-def start_python_probes():
-    probes = []
+def is_script(path):
+    """Wrapper scripts (pyenv shims, ...) start with #!; their target shows up on its own."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(2) == b"#!"
+    except OSError:
+        return True
+
+
+def python_key(path):
+    """What a cached version is valid for: the real file's path, size and mtime."""
+    info = os.stat(path)
+    return "%s:%d:%d" % (os.path.realpath(path), info.st_size, info.st_mtime_ns)
+
+
+def load_version_cache(root):
+    try:
+        cache = load_json(os.path.join(root, "probe-cache.json"))
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def start_python_probes(root):
+    """(path, cache key, cached version or the running version query) per interpreter: each
+    interpreter is asked once, then remembered in ROOT/probe-cache.json."""
+    cache, probes = load_version_cache(root), []
     for path in python_candidates():
-        probes.append((path, start_command([path, "-I", "-S", "-c", VERSION_SNIPPET])))
+        if is_script(path):
+            continue
+        key = python_key(path)
+        if key in cache:
+            probes.append((path, key, cache[key]))
+        else:
+            probes.append((path, key, start_command([path, "-I", "-S", "-c", VERSION_SNIPPET])))
     return probes
 
 
-def finish_python_probes(probes):
-    pythons = []
-    for path, proc in probes:
-        if proc is None:
-            continue
-        code, out, _ = finish_command(proc)
-        if code == 0 and out.strip():
-            pythons.append({"path": path, "version": out.strip()})
+def finish_python_probes(root, probes):
+    pythons, learned = [], {}
+    for path, key, version in probes:
+        if isinstance(version, subprocess.Popen):
+            code, out, _ = finish_command(version)
+            version = out.strip() if code == 0 and out.strip() else None
+            if version:
+                learned[key] = version
+        if version:
+            pythons.append({"path": path, "version": version})
+    if learned and os.path.isdir(root):
+        cache = load_version_cache(root)
+        cache.update(learned)
+        with contextlib.suppress(OSError):
+            save_json_atomic(os.path.join(root, "probe-cache.json"), cache)
     return pythons
 
 

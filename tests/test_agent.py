@@ -159,6 +159,19 @@ def test_probe_distinguishes_a_missing_docker_cli(root, tmp_path):
     assert "no docker CLI" in docker["error"]
 
 
+def test_probe_remembers_interpreter_versions(root):
+    root.mkdir()
+    first = call(root, "probe")["python"]
+    cache_file = root / "probe-cache.json"
+    cache = json.loads(cache_file.read_text())
+    assert sorted(cache.values()) == sorted(entry["version"] for entry in first)
+    # A remembered answer is used as is while the interpreter file is unchanged.
+    key = next(k for k in cache if k.startswith(os.path.realpath(PY) + ":"))
+    cache[key] = "9.9.9"
+    cache_file.write_text(json.dumps(cache))
+    assert "9.9.9" in {entry["version"] for entry in call(root, "probe")["python"]}
+
+
 def test_probe_lists_running_jobs(root):
     launch(root, "sleeper", "import time; time.sleep(60)")
     running = call(root, "probe")["running_jobs"]
