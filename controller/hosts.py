@@ -38,6 +38,8 @@ class HostSpec:
     labels: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     proxy_jump: str | None = None
+    # The inventory this spec came from, so a ProxyJump name resolves against the same file.
+    inventory: Path | None = field(default=None, repr=False, compare=False)
 
     @property
     def address(self) -> str:
@@ -154,6 +156,7 @@ def resolve_host(name: str, inventory: Path | None = None,
                           "Pass --host NAME with a name from the inventory or ~/.ssh/config.")
     hosts = load_inventory(inventory)
     if name in hosts:
+        hosts[name].inventory = inventory
         return hosts[name]
     if inventory is not None and not Path(inventory).exists():
         raise ConfigError(inventory, "does not exist.", "Check the --inventory path.")
@@ -168,7 +171,7 @@ def resolve_host(name: str, inventory: Path | None = None,
                               f"host '{name}' has a port that is not a number.",
                               "Write it as user@host:port, e.g. me@gpu1:2222.")
         spec.port = int(port)
-    spec.name = name
+    spec.name, spec.inventory = name, inventory
     return spec
 
 

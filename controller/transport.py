@@ -164,7 +164,7 @@ def _jump_for(spec: HostSpec, accept_new: bool, timeout: float) -> "HostConnecti
     if not spec.proxy_jump:
         return None
     *before, last = [j.strip() for j in spec.proxy_jump.split(",")]
-    jump = resolve_host(last)
+    jump = resolve_host(last, spec.inventory)
     if before:
         jump.proxy_jump = ",".join(before)
     return connect(jump, accept_new_host_key=accept_new, connect_timeout=timeout)

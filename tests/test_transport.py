@@ -8,11 +8,13 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import uuid
 
 import pytest
+import yaml
 
-from controller import paths
+from controller import paths, transport
 from controller.errors import CubeError, HostUnreachable
 from controller.hosts import resolve_host
 from controller.transport import ConnectionLost, connect
@@ -128,6 +130,26 @@ def test_cut_link_is_unreachable(lab_home):
         assert conn.run(["true"]).code == 0
 
 
+def test_cut_link_under_a_running_command_is_detected(lab_home, monkeypatch):
+    """Keepalives + TCP_USER_TIMEOUT turn a silent link cut into ConnectionLost (not a hang)."""
+    if not lab_home.netns:
+        pytest.skip("links can only be cut when the lab runs in network namespaces (root)")
+    monkeypatch.setattr(transport, "KEEPALIVE_S", 1)
+    monkeypatch.setattr(transport, "TCP_USER_TIMEOUT_MS", 2000)
+    with connect("lab2") as conn:
+        timer = threading.Timer(0.5, lab_home.cut_link, ["lab2"])
+        timer.start()
+        try:
+            with pytest.raises(ConnectionLost):
+                conn.run(["sleep", "120"])
+            assert not conn.is_alive()
+        finally:
+            timer.join()
+            lab_home.restore_link("lab2")
+        conn.reconnect()
+        assert conn.run(["echo", "back"]).stdout == "back\n"
+
+
 def test_dropped_session_raises_connection_lost_then_reconnects(lab_home):
     with connect("lab2") as conn:
         assert conn.run(["true"]).code == 0
@@ -147,6 +169,18 @@ def test_proxy_jump_through_lab1(lab_home):
         assert conn._jump is not None and conn._jump.spec.name == "lab1"
     if lab_home.netns:  # lab2 saw the connection come from lab1's own address
         assert client_ip == lab_home.host("lab1").address
+
+
+def test_proxy_jump_names_resolve_in_the_same_inventory(lab, tmp_path):
+    """With --inventory FILE, the jump host's name is looked up in FILE too (not ~/.cube)."""
+    inv = yaml.safe_load(lab.inventory.read_text())
+    inv["hosts"] = {"jump": inv["hosts"]["lab1"], "target": {**inv["hosts"]["lab2"],
+                                                          "proxy_jump": "jump"}}
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    shutil.copy(lab.known_hosts, paths.known_hosts_file())
+    with connect(resolve_host("target", inventory=path)) as conn:
+        assert conn._jump.spec.name == "jump" and conn.run(["true"]).code == 0
 
 
 def test_root_tilde_is_expanded_remotely(lab_home):
