@@ -116,6 +116,16 @@ def test_closed_port_is_unreachable_after_retries(lab_home, caplog):
     assert attempts(caplog) == 3
 
 
+def test_unresolvable_name_fails_at_once(lab_home, caplog):
+    spec = resolve_host("lab1")
+    spec.hostname = "no-such-host.invalid"
+    with caplog.at_level(logging.DEBUG, logger="cube.transport"):
+        with pytest.raises(HostUnreachable) as err:
+            connect(spec, connect_timeout=5, retries=5)
+    assert "resolve" in str(err.value) and err.value.exit_code == 3
+    assert attempts(caplog) == 1  # a bad name does not get better by retrying
+
+
 def test_cut_link_is_unreachable(lab_home):
     if not lab_home.netns:
         pytest.skip("links can only be cut when the lab runs in network namespaces (root)")
