@@ -229,7 +229,10 @@ def _start_host(index: int, netns_mode: bool) -> LabHost:
     key = d / "ssh_host_ed25519_key"
     if not key.exists():
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cube-{name}", "-f", str(key))
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    try:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    except PermissionError:
+        pass  # not root: sshd runs unprivileged and does no privilege separation
     if netns_mode:
         netns, veth, address = _setup_netns(name, index)
         port, prefix = 22, ["ip", "netns", "exec", netns]
