@@ -6,15 +6,17 @@ write, the host's `receive` applies) and pull (the host's `send` writes, we appl
 implementation. This module adds what only the controller knows: `.cubeignore`, the local hash
 cache under CUBE_HOME, progress bars, and errors for the user.
 
-A connection needs two things (controller.transport.HostConnection provides them):
+A connection needs (controller.transport.HostConnection has them):
     conn.agent_argv(verb, *args) -> list[str]   # argv that runs the agent on the host
-    conn.stream(argv) -> controller.streams.Stream
+and either conn.stream(argv) -> controller.streams.Stream, or conn.client (paramiko SSHClient),
+over which a tuned channel is opened (see controller.streams).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ import pathspec
 
 from agent import cube_agent as agent
 from controller import paths as cube_paths
+from controller import streams
 from controller.errors import CubeError
 
 IGNORE_FILE = ".cubeignore"
@@ -58,7 +61,7 @@ def push(conn, local_dir, remote_dir: str, *, paths=None, ignore=True, delete=Tr
     if not ops:
         return SyncReport(seconds=time.monotonic() - start)
     args = ["receive", remote_dir] + (["--delete"] if delete else [])
-    stream = conn.stream(conn.agent_argv(*args))
+    stream = open_stream(conn, conn.agent_argv(*args))
     with _bar(progress, _payload(ops, local), "push") as tick:
         sent, result = _send_ops(stream, local_dir, ops, local, tick)
     return SyncReport(result["files"], sent, result["deleted"], time.monotonic() - start)
@@ -77,21 +80,27 @@ def pull(conn, remote_dir: str, local_dir, *, paths=None, progress=None) -> Sync
     ops = [op for op in agent.plan(remote, local, delete=False)]
     if not ops:
         return SyncReport(seconds=time.monotonic() - start)
-    stream = conn.stream(conn.agent_argv("send", remote_dir))
+    stream = open_stream(conn, conn.agent_argv("send", remote_dir))
     with _bar(progress, _payload(ops, remote), "pull") as tick:
         result, received = _receive_ops(stream, local_dir, ops, tick)
     return SyncReport(result["files"], received, 0, time.monotonic() - start)
 
 
 def remote_manifest(conn, remote_dir: str, everything: bool) -> dict:
-    stream = conn.stream(conn.agent_argv("manifest", remote_dir, *(["--all"] if everything
-                                                                     else [])))
+    argv = conn.agent_argv("manifest", remote_dir, *(["--all"] if everything else []))
+    stream = open_stream(conn, argv)
     try:
         stream.close_stdin()
         out, code = stream.read(), stream.wait()
         return _agent_answer(stream, out, code)
     finally:
         stream.close()
+
+
+def open_stream(conn, argv: list[str]):
+    if hasattr(conn, "stream"):
+        return conn.stream(argv)
+    return streams.exec_stream(conn.client, shlex.join(argv))
 
 
 def local_cache_file(local_dir) -> str:
@@ -103,7 +112,7 @@ def local_cache_file(local_dir) -> str:
 def _keeper(ignore_root: Path | None, paths):
     """A function filtering a manifest by .cubeignore (plus built-ins) and requested paths."""
     spec = _ignore_spec(ignore_root) if ignore_root else None
-    prefixes = [agent.check_rel(p) for p in paths] if paths else None
+    prefixes = [_agent_call(agent.check_rel, p) for p in paths] if paths else None
 
     def wanted(rel: str, is_dir: bool) -> bool:
         if prefixes and not any(rel == p or rel.startswith(p + "/") for p in prefixes):
@@ -123,7 +132,7 @@ def _ignore_spec(root: Path):
     path = root / IGNORE_FILE
     if path.is_file():
         lines += path.read_text(encoding="utf-8").splitlines()
-    return pathspec.PathSpec.from_lines("gitwildmatch", lines)
+    return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
 # -- streaming --
@@ -166,8 +175,11 @@ def _send_ops(stream, local_dir, ops, manifest, tick):
 def _receive_ops(stream, local_dir, ops, tick):
     counter = _Counting(stream, tick)
     try:
-        stream.write(json.dumps(ops).encode())
-        stream.close_stdin()
+        try:
+            stream.write(json.dumps(ops).encode())
+            stream.close_stdin()
+        except OSError:
+            pass   # the host stopped reading early: what it sent (or its error) tells why
         try:
             result = agent.apply_stream(str(local_dir), counter, allow_delete=False,
                                         cache_file=local_cache_file(local_dir))
