@@ -312,3 +312,52 @@ def test_ship_to_the_same_engine_sends_nothing(docker_engine, hello_cube, hello_
     image = rt.ensure_image(docker_engine, cube, messages.append)
     assert rt.ship_image(hello_image, docker_engine, docker_engine, messages.append) == image
     assert messages[-1] == f"host already has image {rt.short(image)}, nothing to ship"
+
+
+# ---- cube run --runtime docker, plan, and cancel through the CLI process ----------------------
+
+@integration
+def test_cube_run_with_the_docker_runtime_runs_a_task_chain(docker_engine, hello_cube, hello_image,
+                                                            monkeypatch, capfd):
+    from controller import runtimes
+    from controller.cli.local import run_cube
+
+    # Registered by controller/runtimes/__init__.py once wired; the test states the contract.
+    monkeypatch.setitem(runtimes.RUNTIMES, "docker", "controller.runtimes.docker:run_task_in_docker")
+    run_cube(hello_cube, "greet,count", [], runtime="docker", config=[f"docker.image={hello_image}"])
+    assert (hello_cube / "workspace" / "report" / "summary.txt").read_text() == "3 greetings\n"
+    out, err = capfd.readouterr()
+    assert "greeted 3 names" in out and "in container cube-hello-docker-greet-" in err
+
+
+@integration
+def test_plan_reports_the_image_without_building_it(docker_engine, hello_cube):
+    messages: list[str] = []
+    tag = f"cube/hello-docker-plan:{os.getpid()}"
+    cube = load_hello(hello_cube, tag)
+    argv = rt.plan_task(cube, "greet", {}, messages.append)
+    assert messages == [f"image {tag}: strategy auto (docker.build_strategy in mlcube.yaml); "
+                        "absent on this machine"]
+    assert argv[-3:] == ["greet", "--names=/mnt/cube/io0/names.txt", "--out_dir=/mnt/cube/io1"]
+    assert rt.image_id(docker_engine, tag) is None
+
+
+@integration
+def test_sigterm_to_the_docker_cli_stops_its_container(docker_engine, hello_cube, hello_image):
+    """How a job is cancelled when the agent signals the process group of `docker run`."""
+    cube = load_hello(hello_cube, hello_image)
+    rt.ensure_image(docker_engine, cube, lambda _m: None)
+    prepare_outputs(cube, "idle", {})
+    name = rt.job_name(cube, "idle")
+    argv = rt.container_argv(cube, "idle", {}, image=hello_image, job_name=name,
+                             uid=os.getuid(), gid=os.getgid())
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: rt.container_running(docker_engine, name))
+        os.killpg(proc.pid, 15)
+        assert proc.wait(timeout=60) != 0
+        wait_for(lambda: not rt.container_running(docker_engine, name))
+    finally:
+        proc.kill()
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)

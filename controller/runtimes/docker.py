@@ -134,7 +134,7 @@ def _context_files(cube, context: Path) -> set[Path]:
 
     ignore_file = context / ".dockerignore"
     lines = ignore_file.read_text().splitlines() if ignore_file.is_file() else []
-    spec = pathspec.PathSpec.from_lines("gitwildmatch", lines)
+    spec = pathspec.GitIgnoreSpec.from_lines(lines)
     files = {p for p in context.rglob("*") if p.is_file() and not p.is_symlink()
              and not p.is_relative_to(cube.workspace)
              and not spec.match_file(p.relative_to(context).as_posix())}
@@ -452,17 +452,10 @@ def run_task_in_docker(cube, task: str, overrides: dict[str, str], *, log: Log =
     from controller.runner import run_process, task_log_path
 
     ex = executor or LocalExecutor()
-    check_engine(ex)
-    chosen = build_strategy(cube, strategy)[0]
-    ensure_image(ex, cube, log, strategy="auto" if chosen == "ship" else chosen)
+    ensure_image(ex, cube, log, strategy=_local_strategy(cube, strategy))
     name = name or job_name(cube, task)
-    uid, gid = user or (os.getuid(), os.getgid())
-    argv = container_argv(cube, task, overrides, image=image_name(cube), job_name=name,
-                          uid=uid, gid=gid, gpus=choose_gpus(cube, host_gpus(ex)), env=env,
-                          cpus=cpus or cube.docker.get("cpus"),
-                          memory=memory or cube.docker.get("memory"))
-    from controller.taskargs import apply_param_overrides
-    check_mount_sources(ex, plan_mounts(apply_param_overrides(cube, task, overrides))[0])
+    argv = local_container_argv(cube, task, overrides, ex, name=name, user=user, env=env,
+                                cpus=cpus, memory=memory)
     log_file = task_log_path(cube, task, overrides)
     log(f"running {task} in container {name} ({image_name(cube)}): log {log_file}")
     try:
@@ -470,6 +463,40 @@ def run_task_in_docker(cube, task: str, overrides: dict[str, str], *, log: Log =
     finally:
         if container_running(ex, name):  # the CLI was killed before its container ended
             stop_container(ex, name, grace)
+
+
+def local_container_argv(cube, task: str, overrides, ex: Executor, *, name: str,
+                         user: tuple[int, int] | None = None, env: Mapping | None = None,
+                         cpus=None, memory=None) -> list[str]:
+    """container_argv for this machine: this user's uid:gid, this machine's GPUs, limits from
+    the arguments or mlcube.yaml docker.cpus / docker.memory; mount folders checked."""
+    from controller.taskargs import apply_param_overrides
+
+    uid, gid = user or (os.getuid(), os.getgid())
+    check_mount_sources(ex, plan_mounts(apply_param_overrides(cube, task, overrides))[0])
+    return container_argv(cube, task, overrides, image=image_name(cube), job_name=name,
+                          uid=uid, gid=gid, gpus=choose_gpus(cube, host_gpus(ex)), env=env,
+                          cpus=cpus or cube.docker.get("cpus"),
+                          memory=memory or cube.docker.get("memory"))
+
+
+def _local_strategy(cube, requested: str | None) -> str:
+    chosen = build_strategy(cube, requested)[0]
+    return "auto" if chosen == "ship" else chosen
+
+
+def plan_task(cube, task: str, overrides: dict[str, str], log: Log,
+              executor: Executor | None = None) -> list[str]:
+    """For `cube run --plan`: say what would happen to the image (without building or
+    pulling) and return the task's `docker run` argv (job name shown as <job>)."""
+    ex = executor or LocalExecutor()
+    strategy, why = build_strategy(cube)
+    found = image_id(ex, image_name(cube))
+    state = f"present as {short(found)}" if found else "absent"
+    log(f"image {image_name(cube)}: strategy {strategy} ({why}); {state} on this machine")
+    return container_argv(cube, task, overrides, image=image_name(cube), job_name="<job>",
+                          uid=os.getuid(), gid=os.getgid(), gpus=choose_gpus(cube, host_gpus(ex)),
+                          cpus=cube.docker.get("cpus"), memory=cube.docker.get("memory"))
 
 
 # ---- helpers ---------------------------------------------------------------------------------
