@@ -112,11 +112,13 @@ def test_agent_compiles_and_is_stdlib_only_for_python_3_8(tmp_path):
     assert len(names) == len(set(names)), "a top-level name is defined twice"
 
 
-def test_agent_runs_on_python_3_8(root):
-    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))
-    python38 = found[0] if found else shutil.which("python3.8")
+@pytest.mark.parametrize("minor", [8, 13])
+def test_agent_runs_on_old_and_new_pythons(root, minor):
+    name = "python3.%d" % minor
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.%d*/bin/%s" % (minor, name))))
+    python38 = found[0] if found else shutil.which(name)
     if python38 is None:
-        pytest.skip("no python3.8 on this machine")
+        pytest.skip("no %s on this machine" % name)
     probe = call(root, "probe", python=python38)
     assert probe["agent_version"] >= 1
     assert launch(root, "py38", "print('hi')", python=python38)["state"] != "pending"
@@ -366,3 +368,42 @@ def test_supervisor_runs_without_warnings_under_dev_mode(root):
     agent(root, "launch", stdin=json.dumps(spec).encode(), env=env)
     assert wait_final(root, "dev")["state"] == "succeeded"
     assert (Path(root) / "jobs" / "dev" / "supervisor.log").read_bytes() == b""
+
+
+def test_jobs_on_one_root_are_independent(root):
+    for job_id in ("left", "right"):
+        launch(root, job_id, "import time\nfor i in range(20): print(%r, i, flush=True); "
+                             "time.sleep(0.01)" % job_id)
+    for job_id in ("left", "right"):
+        assert wait_final(root, job_id)["state"] == "succeeded"
+        expected = "".join("%s %d\n" % (job_id, i) for i in range(20))
+        assert log_of(root, job_id) == expected.encode()
+
+
+def test_a_job_from_before_a_reboot_is_lost(root):
+    launch(root, "rebooted", "import time; time.sleep(600)")
+    state_file = Path(root) / "jobs" / "rebooted" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["boot_id"] = "a-previous-boot"
+    state_file.write_text(json.dumps(state))
+    lost = call(root, "status", "rebooted")
+    assert lost["state"] == "lost" and "rebooted" in lost["error"]
+
+
+@pytest.mark.integration
+def test_cancel_stops_the_docker_container(root, docker_engine):
+    from tests.fixtures.docker import BASE_IMAGE
+
+    name = "cube-agent-test-%d" % os.getpid()
+    # sleep as the container's PID 1 ignores SIGTERM: only `docker stop` (its SIGKILL) ends it.
+    argv = ["docker", "run", "--rm", "--name", name, BASE_IMAGE, "sleep", "600"]
+    launch(root, "boxed", tasks=[{"name": "boxed", "argv": argv}], docker_container=name)
+    running = lambda: subprocess.run(  # noqa: E731
+        ["docker", "inspect", "-f", "{{.State.Running}}", name],
+        capture_output=True, text=True).stdout.strip() == "true"
+    try:
+        wait_for(running, "the container to run")
+        assert call(root, "cancel", "boxed", "--grace", "1")["state"] == "cancelled"
+        assert not running()  # stopped (--rm then removes it in the background)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
