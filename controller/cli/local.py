@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
-
 import typer
 
 from controller.cli import app
@@ -19,32 +17,56 @@ def _log(message: str) -> None:
     print(f"cube: {message}", file=sys.stderr, flush=True)
 
 
-@app.command("run")
-def run(
-    cube: Path = typer.Argument(..., help="Cube folder (holds mlcube.yaml)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Parameter overrides name=PATH."),
-    task: Optional[str] = typer.Option(None, "--task", "-t",
-                                       help="Task or comma-separated tasks, run in order."),
-    runtime: Optional[str] = typer.Option(None, "--runtime", help="python or docker."),
-    workspace: Optional[Path] = typer.Option(None, "--workspace",
-                                             help="Workspace folder (default CUBE/workspace)."),
-    config: Optional[List[str]] = typer.Option(None, "-P",
-                                               help="Config override KEY=VALUE, e.g. -P docker.image=x:1."),
-    grace: float = typer.Option(10.0, "--grace",
-                                help="Seconds between SIGTERM and SIGKILL when stopping a task."),
-    plan: bool = typer.Option(False, "--plan", help="Show what would be provisioned and run."),
-) -> None:
-    """Run TASK(s) of CUBE here; exits with the first failing task's code."""
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="cube run", description=RUN_HELP)
+    p.add_argument("cube", type=Path, help="Cube folder (holds mlcube.yaml).")
+    p.add_argument("overrides", nargs="*", metavar="name=PATH", help="Parameter overrides.")
+    p.add_argument("--task", "-t", help="Task or comma-separated tasks, run in order.")
+    p.add_argument("--runtime", help="python or docker (default: what the cube declares).")
+    p.add_argument("--workspace", type=Path, help="Workspace folder (default CUBE/workspace).")
+    p.add_argument("-P", dest="config", action="append", default=[], metavar="KEY=VALUE",
+                   help="Config override, e.g. -P docker.image=x:1 (repeatable).")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="Seconds between SIGTERM and SIGKILL when stopping a task (default 10).")
+    p.add_argument("--plan", action="store_true", help="Show what would be provisioned and run.")
+    return p
+
+
+RUN_HELP = "Run TASK(s) of CUBE here; exits with the first failing task's code."
+
+
+# This typer version coerces every typed option through pydantic (~0.3 s of imports), so `run`
+# takes its arguments raw and parses them with argparse: a warm run must stay well under 1 s.
+@app.command("run", help=RUN_HELP, add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False})
+def run(ctx: typer.Context) -> None:
+    main_run(ctx.args)
+
+
+def main_run(argv: list[str]) -> None:
+    """`cube run` from raw arguments; the CLI entry can call it directly, skipping typer."""
+    args = _parser().parse_intermixed_args(argv)
+    run_cube(args.cube, args.task, args.overrides, runtime=args.runtime,
+             workspace=args.workspace, config=args.config, grace=args.grace, plan=args.plan)
+
+
+def run_cube(path: Path, task: str | None, overrides: list[str], *, runtime: str | None = None,
+             workspace: Path | None = None, config: list[str] | None = None,
+             grace: float = 10.0, plan: bool = False) -> None:
+    """Load, check and run; raises TaskFailed (exit = the task's code) on the first failure."""
     from controller.cube import load_cube
     from controller.runtimes import run_tasks
     from controller.taskargs import parse_param_overrides, split_tasks
 
-    loaded = load_cube(cube, workspace=workspace, config_overrides=config or [],
+    loaded = load_cube(path, workspace=workspace, config_overrides=config or [],
                        requested_runtime=runtime)
     for warning in loaded.warnings:
         _log(f"warning: {warning}")
     names = split_tasks(task or _only_task(loaded), loaded)
-    params = parse_param_overrides(overrides or [])
+    params = parse_param_overrides(overrides)
     if plan:
         _show_plan(loaded, names, params)
         return
