@@ -22,7 +22,6 @@ import shlex
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
@@ -30,6 +29,7 @@ import paramiko
 from controller import paths
 from controller.errors import CubeError, HostUnreachable
 from controller.hosts import HostSpec, atomic_write, file_lock, resolve_host
+from controller.provision import ExecResult  # one result type for every executor
 
 log = logging.getLogger("cube.transport")
 
@@ -37,15 +37,15 @@ KEEPALIVE_S = 5          # SSH-level keepalive so idle connections carry traffic
 TCP_USER_TIMEOUT_MS = 20_000  # ...and unacked traffic on a cut link errors out within ~20 s
 
 
-@dataclass
-class ExecResult:
-    code: int
-    stdout: str
-    stderr: str
-
 
 class ConnectionLost(HostUnreachable):
     """The connection dropped mid-command; `HostConnection.reconnect()` and retry."""
+
+
+class _TimedOut(Exception):
+    def __init__(self, partial: ExecResult):
+        super().__init__("timed out")
+        self.partial = partial
 
 
 class _UnknownHostKey(Exception):
@@ -271,7 +271,12 @@ class HostConnection:
     def run(self, argv: list[str], input: bytes | None = None, timeout: float | None = None,
             check: bool = True) -> ExecResult:
         """Run argv (quoted with shlex.join) on the host; `check` raises on a non-zero exit."""
-        result = self._exec(shlex.join(argv), input, timeout)
+        try:
+            result = self._exec(shlex.join(argv), input, timeout)
+        except _TimedOut:
+            raise CubeError(f"Command `{shlex.join(argv)}` on host '{self.spec.name}' did not "
+                            f"finish within {timeout} s.", "Raise the timeout or check the host.") \
+                from None
         if check and result.code != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
             raise CubeError(f"Command `{shlex.join(argv)}` on host '{self.spec.name}' exited "
@@ -280,15 +285,20 @@ class HostConnection:
         return result
 
     def sh(self, command: str, *, timeout: float | None = None) -> ExecResult:
-        """Executor protocol (docs/INTERNALS.md): run a shell command line with bash -c."""
-        return self._exec(shlex.join(["bash", "-c", command]), None, timeout)
+        """Executor protocol (docs/INTERNALS.md): run a shell command line with bash -c.
+        Like LocalExecutor, a timeout is exit code 124 with a note on stderr, not an exception."""
+        try:
+            return self._exec(shlex.join(["bash", "-c", command]), None, timeout)
+        except _TimedOut as err:
+            p = err.partial
+            return ExecResult(124, p.stdout, p.stderr + f"\ntimed out after {timeout} s")
 
     def _exec(self, command: str, input: bytes | None, timeout: float | None) -> ExecResult:
         chan = self._session(timeout)
         deadline = time.monotonic() + timeout if timeout else None
+        out, err = bytearray(), bytearray()
         try:
             chan.exec_command(command)
-            out, err = bytearray(), bytearray()
             threads = [threading.Thread(target=_drain, args=(chan.recv_stderr, err), daemon=True)]
             if input is not None:
                 threads.append(threading.Thread(target=_feed, args=(chan, input), daemon=True))
@@ -310,8 +320,8 @@ class HostConnection:
                                      f"running `{command}`.", "Reconnect and retry.")
             code = chan.recv_exit_status()
         except socket.timeout:
-            raise CubeError(f"Command `{command}` on host '{self.spec.name}' did not finish "
-                            f"within {timeout} s.", "Raise the timeout or check the host.") from None
+            raise _TimedOut(ExecResult(124, out.decode(errors="replace"),
+                                       err.decode(errors="replace"))) from None
         finally:
             chan.close()
         if code == -1:

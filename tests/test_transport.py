@@ -57,6 +57,16 @@ def test_run_exit_codes_input_and_sh(lab_home):
         assert conn.is_alive(probe_timeout=5)
 
 
+def test_timeouts(lab_home):
+    with connect("lab1") as conn:
+        with pytest.raises(CubeError, match="did not finish within 0.5 s"):
+            conn.run(["sleep", "30"], timeout=0.5)
+        r = conn.sh("sleep 30", timeout=0.5)  # executor protocol: code 124, no exception
+        assert r.code == 124 and "timed out after 0.5 s" in r.stderr
+        assert "timed out" in r.output  # provision's ExecResult
+        assert conn.run(["echo", "still usable"]).stdout == "still usable\n"
+
+
 def test_unknown_host_key_is_refused_with_fix(lab, cube_home):
     shutil.copy(lab.inventory, cube_home / "hosts.yaml")  # inventory but no known_hosts
     with pytest.raises(CubeError) as err:
@@ -201,7 +211,10 @@ def test_root_tilde_is_expanded_remotely(lab_home):
         assert conn.root == f"{home}/cube-root"
 
 
-def test_agent_uploaded_once_by_hash(lab_home):
+def test_agent_uploaded_once_by_hash(lab_home, tmp_path, monkeypatch):
+    snapshot = tmp_path / "cube_agent.py"  # the real agent, frozen while the test runs
+    shutil.copy(paths.agent_source(), snapshot)
+    monkeypatch.setattr(paths, "agent_source", lambda: snapshot)
     spec = resolve_host("lab1")
     spec.root = f"{spec.root}/t-{uuid.uuid4().hex[:8]}"
     digest = hashlib.sha256(paths.agent_source().read_bytes()).hexdigest()
