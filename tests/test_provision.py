@@ -323,3 +323,18 @@ def test_python_task_argv_uses_the_venv_interpreter(tmp_path):
     argv = python_task_argv(cube, "echo", {}, "/envs/abc")
     assert argv[:3] == ["/envs/abc/bin/python", "tiny.py", "echo"]
     assert argv[-1] == f"--out_dir={cube.workspace / 'out'}"
+
+
+def test_env_whose_base_interpreter_vanished_is_rebuilt(tmp_path, cube_home):
+    from controller.cube import load_cube
+
+    cube = load_cube(make_cube(tmp_path, []))
+    env_dir = ensure_local_env(cube, lambda _m: None)
+    link = env_dir / "bin" / "python"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone" / "python3")  # what uninstalling the base Python leaves
+    lines, log = collect()
+    assert ensure_local_env(cube, log) == env_dir
+    assert any("rebuilding" in line for line in lines)
+    assert (env_dir / "bin" / "python").exists()
+    assert sorted(p.name for p in env_dir.parent.iterdir()) == [env_dir.name]

@@ -142,6 +142,10 @@ def ensure_local_env(cube, log: Callable[[str], None] = print, *, plan: bool = F
     complete env (it is written just before the atomic rename), so reuse costs one file read."""
     env_dir = local_env_dir(cube)
     marker = read_marker(env_dir)
+    if marker is not None and not (env_dir / "bin" / "python").exists():
+        log(f"env {env_dir.name} lost its base interpreter; rebuilding it")
+        _discard(env_dir)
+        marker = None
     if marker is not None:
         log(f"reusing env {env_dir.name} (Python {marker.get('python', '?')}, "
             f"{len(marker.get('requirements', []))} requirements) at {env_dir}")
@@ -149,6 +153,16 @@ def ensure_local_env(cube, log: Callable[[str], None] = print, *, plan: bool = F
         _build_local_env(cube, env_dir, log, plan)
     _run_user_playbooks(cube, env_dir, log, plan)
     return env_dir
+
+
+def _discard(env_dir: Path) -> None:
+    # Rename first so a concurrent run never sees a half-deleted env under the real name.
+    import secrets
+    import shutil
+
+    doomed = env_dir.with_name(f"{env_dir.name}.broken-{secrets.token_hex(4)}")
+    os.replace(env_dir, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _build_local_env(cube, env_dir: Path, log, plan: bool) -> None:
