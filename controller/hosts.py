@@ -137,6 +137,7 @@ def update_inventory(set_entries: dict[str, dict], remove: list[str] = (),
     """Merge entries into the inventory (others kept), atomically and under a lock."""
     path = Path(path) if path else paths.inventory_file()
     with file_lock(path):
+        load_inventory(path)  # a broken file is reported (ConfigError), never overwritten
         data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
         hosts = data.setdefault("hosts", {}) or {}
         for name in remove:

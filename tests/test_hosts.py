@@ -103,3 +103,10 @@ def test_update_inventory_merges_and_groups(cube_home):
     assert set(load_inventory()) == {"mine", "x1"}
     assert [h.name for h in hosts_in_group("nightly")] == ["mine", "x1"]
     assert hosts_in_group("nope") == []
+
+
+def test_update_inventory_refuses_to_overwrite_a_broken_file(cube_home):
+    inv = write(paths.inventory_file(), "hosts:\n  a: {hostname: x\n")
+    with pytest.raises(ConfigError):
+        update_inventory({"lab1": {"hostname": "y"}})
+    assert inv.read_text() == "hosts:\n  a: {hostname: x\n"
