@@ -203,6 +203,31 @@ def test_proxy_jump_names_resolve_in_the_same_inventory(lab, tmp_path):
         assert conn._jump.spec.name == "jump" and conn.run(["true"]).code == 0
 
 
+def test_ssh_config_host_with_proxy_jump(lab_home, tmp_path, monkeypatch):
+    """Names only ~/.ssh/config knows: HostName, User, Port, IdentityFile and ProxyJump."""
+    h1, h2 = resolve_host("lab1"), resolve_host("lab2")
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text(f"""
+Host bastion-x
+    HostName {h1.hostname}
+    Port {h1.port}
+    User {h1.user}
+    IdentityFile {h1.identity_files[0]}
+Host gpu-x
+    HostName {h2.hostname}
+    Port {h2.port}
+    User {h2.user}
+    IdentityFile {h2.identity_files[0]}
+    ProxyJump bastion-x
+""")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = resolve_host("gpu-x")
+    assert (spec.hostname, spec.proxy_jump) == (h2.hostname, "bastion-x")
+    with connect(spec) as conn:
+        assert conn._jump.spec.hostname == h1.hostname
+        assert conn.run(["echo", "via bastion"]).stdout == "via bastion\n"
+
+
 def test_root_tilde_is_expanded_remotely(lab_home):
     spec = resolve_host("lab1")
     spec.root = "~/cube-root"
