@@ -3,8 +3,14 @@
 A playbook is `{name, description?, check?, vars?, on_failure?, steps: [{name, run, check?,
 when?, timeout?}]}`. Commands are Jinja2 templates in which every `{{ expr }}` is shell-quoted
 (lists become separately quoted words; `{{ x | raw }}` opts out), so a hostile value such as a
-requirement `x; rm -rf /` stays one word. The same runner serves local runs (LocalExecutor) and
-remote hosts (an executor wrapping an SSH connection): all it needs is `sh(command)`.
+requirement `x; rm -rf /` stays one word. A step runs unless its `check` command exits 0 (then
+it is skipped, with the reason recorded) or its `when` Jinja expression is false; a playbook
+`check` that passes skips every step. `vars` gives defaults (strings are templates over the
+caller's variables and `run_id`, a fresh token per run for temporary names); `on_failure` runs
+after a failed step to clean up. Checks must not change anything: dry runs execute them.
+
+The same runner serves local runs (LocalExecutor) and remote hosts (an executor wrapping an
+SSH connection): all it needs is `sh(command, timeout=None) -> ExecResult`.
 """
 
 from __future__ import annotations
