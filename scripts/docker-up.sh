@@ -56,6 +56,17 @@ engine_up() {
         die "the engine runs but $(id -un) may not use /var/run/docker.sock: run
   'sudo usermod -aG docker $(id -un)' and log in again (or run as root)."
     fi
+    case "${DOCKER_HOST:-unix:///var/run/docker.sock}" in
+        unix:///var/run/docker.sock|unix:///run/docker.sock) ;;
+        *) die "DOCKER_HOST=$DOCKER_HOST does not answer; this script only starts the local
+  default engine (unset DOCKER_HOST, or start that engine yourself)." ;;
+    esac
+    local pid
+    pid=$(cat /var/run/docker.pid 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        die "dockerd is running (pid $pid) but does not answer 'docker info'; see $DOCKERD_LOG,
+  or stop it (kill $pid) and run this script again."
+    fi
     say "starting dockerd (log: $DOCKERD_LOG)"
     # shellcheck disable=SC2086  # DOCKERD_FLAGS is a list of words
     as_root bash -c "nohup dockerd ${DOCKERD_FLAGS:-} >>'$DOCKERD_LOG' 2>&1 </dev/null &"
