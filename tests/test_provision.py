@@ -234,7 +234,7 @@ def test_failed_pip_install_leaves_no_env_and_no_temp_dir(tmp_path):
     ("3.11.7", None, True), ("3.7.9", None, False), ("3.11.7", "3.11", True),
     ("3.11.7", "3.1", False), ("3.11.7", "3", True), ("3.10.2", "3.11", False),
     ("3.12.0", ">=3.9", True), ("3.8.1", ">=3.9", False), ("3.11.7", "python3.11", True),
-    ("3.11.7", "3.11.7", True), ("3.11.7", "<3.11", False),
+    ("3.11.7", "3.11.7", True), ("3.11.7", "<3.11", False), ("3.6.15", "3", False),
 ])
 def test_version_matches(version, req, ok):
     assert version_matches(version, req) is ok

@@ -45,10 +45,10 @@ def _as_tuple(version: str) -> tuple[int, ...]:
 
 
 def version_matches(version: str, requirement: str | None) -> bool:
-    """None: any >= 3.8. "3.11" / "3" / "3.11.4": the version starts with those components.
+    """Never below 3.8. None: any. "3.11" / "3" / "3.11.4": the version starts with those components.
     ">=3.9" (also >, <=, <, ==): compared component-wise."""
     have = _as_tuple(version)
-    if not requirement:
+    if not requirement or have < MIN_VERSION:  # venv + our playbook need 3.8 whatever is asked
         return have >= MIN_VERSION
     req = requirement.strip().removeprefix("python").strip()
     op = re.match(r"^(>=|<=|==|>|<)?\s*", req)
