@@ -100,7 +100,8 @@ def test_manifest_records_files_dirs_links_and_skips_builtin_ignores(work):
     assert m["links"] == {"latest": "data/part01.txt"}
     big = m["files"]["big.bin"]
     assert big["sha256"] == hashlib.sha256((work / "big.bin").read_bytes()).hexdigest()
-    assert len(big["blocks"]) == 7 and "blocks" not in m["files"]["main.py"]
+    assert len(big["blocks"]) == -(-big["size"] // agent.BLOCK_SIZE)
+    assert "blocks" not in m["files"]["main.py"]
     assert m["files"]["run.sh"]["mode"] == 0o755
 
 
@@ -194,7 +195,7 @@ def test_block_patch_sends_only_the_changed_blocks(work, conn):
         f.write(os.urandom(1000))
     report = sync.push(conn, work, "cubes/c")
     assert report.files_sent == 1
-    assert MiB <= report.bytes_sent < MiB + 64 * 1024   # one block plus tar headers
+    assert agent.BLOCK_SIZE <= report.bytes_sent < agent.BLOCK_SIZE + 64 * 1024   # + headers
     assert tree(host_dir(conn)) == tree(work)
 
 
@@ -206,14 +207,14 @@ def test_block_patch_handles_a_file_that_grew_and_one_that_shrank(work, conn, tm
     assert tree(host_dir(conn)) == tree(work)
     with open(work / "big.bin", "r+b") as f:
         f.truncate(5 * MiB - 7)                      # only the new last block differs
-    assert sync.push(conn, work, "cubes/c").bytes_sent < MiB + 64 * 1024
+    assert sync.push(conn, work, "cubes/c").bytes_sent < agent.BLOCK_SIZE + 64 * 1024
     assert tree(host_dir(conn)) == tree(work)
     back = tmp_path / "back"
     sync.pull(conn, "cubes/c", back)
     with open(host_dir(conn) / "big.bin", "r+b") as f:   # an output changed on the host
         f.seek(MiB)
         f.write(b"changed on the host")
-    assert sync.pull(conn, "cubes/c", back).bytes_sent < MiB + 64 * 1024
+    assert sync.pull(conn, "cubes/c", back).bytes_sent < agent.BLOCK_SIZE + 64 * 1024
     assert tree(back) == tree(host_dir(conn))
 
 

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""cube sync against `rsync -a` over OpenSSH, to the same lab host, in the same run.
+
+    python bench/sync_bench.py [--runs N] [--big]
+
+Builds a synthetic workspace (2,000 small files of 0.5-16 KiB and four 256 MiB files of random
+bytes), starts one lab host (real sshd, `controller.lab`) under a temporary CUBE_HOME, and times
+(1) first push, (2) no-change re-push, (3) re-push after 1 MiB changed inside one 256 MiB file,
+printing seconds, bytes sent (cube: its own count of stream bytes; rsync: --stats "Total bytes
+sent") and each ratio cube/rsync. `--big` also pushes and pulls a 2.5 GiB file both ways (cube
+and rsync), checking sha256 on arrival. Targets (issue 3): every time ratio <= 1.0; bytes on the
+1 MiB change within 2x of rsync's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MiB = 1 << 20
+
+
+def build_workspace(ws: Path, small: int, big: int, big_size: int, seed: int = 7) -> None:
+    rnd = random.Random(seed)
+    for i in range(small):
+        path = ws / f"dir{i % 40:02d}" / f"file{i:04d}.dat"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(rnd.randint(512, 16 * 1024)))
+    for i in range(big):
+        write_random(ws / f"big{i}.bin", big_size)
+
+
+def write_random(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for start in range(0, size, 64 * MiB):
+            chunk = os.urandom(min(64 * MiB, size - start))
+            digest.update(chunk)
+            f.write(chunk)
+    return digest.hexdigest()
+
+
+def change_one_mib(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(os.urandom(MiB))
+
+
+def warm_page_cache(ws: Path) -> None:
+    """Both tools then read from memory: neither pays for the other's first disk read."""
+    subprocess.run(["bash", "-c", f"find {shlex.quote(str(ws))} -type f -print0 | "
+                    "xargs -0 cat > /dev/null"], check=True)
+
+
+class Rsync:
+    def __init__(self, host, key: Path, known_hosts: Path):
+        self.dest = f"{os.environ.get('USER', 'root')}@{host.address}"
+        self.ssh = shlex.join(["ssh", "-p", str(host.port), "-i", str(key), "-o",
+                               f"UserKnownHostsFile={known_hosts}", "-o",
+                               "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+
+    def run(self, src: str, dst: str) -> tuple[float, int]:
+        start = time.monotonic()
+        out = subprocess.run(["rsync", "-a", "--stats", "-e", self.ssh, src, dst],
+                             check=True, capture_output=True, text=True).stdout
+        seconds = time.monotonic() - start
+        sent = re.search(r"Total bytes sent: ([\d,.]+)", out).group(1)
+        return seconds, int(re.sub(r"[,.]", "", sent))
+
+    def push(self, local: Path, remote: str) -> tuple[float, int]:
+        return self.run(f"{local}/", f"{self.dest}:{remote}/")
+
+    def pull(self, remote: str, local: Path) -> tuple[float, int]:
+        return self.run(f"{self.dest}:{remote}/", f"{local}/")
+
+
+def cube_push(conn, ws: Path, remote: str) -> tuple[float, int]:
+    from controller import sync
+    start = time.monotonic()
+    report = sync.push(conn, ws, remote, progress=False)
+    return time.monotonic() - start, report.bytes_sent
+
+
+def fmt_row(name: str, cube: tuple[float, int], rsync: tuple[float, int]) -> str:
+    ratio_t = cube[0] / rsync[0] if rsync[0] else float("inf")
+    ratio_b = cube[1] / rsync[1] if rsync[1] else float("inf")
+    return (f"{name:<22} cube {cube[0]:7.2f} s {cube[1]:>13,} B | rsync {rsync[0]:7.2f} s "
+            f"{rsync[1]:>13,} B | time ratio {ratio_t:5.2f}  bytes ratio {ratio_b:6.2f}")
+
+
+def one_run(conn, rsync: Rsync, ws: Path, root: str, run: int) -> dict[str, tuple]:
+    from controller import sync
+    cube_dir, rsync_dir = f"bench/cube-{run}", f"{root}/bench/rsync-{run}"
+    conn.run(["mkdir", "-p", rsync_dir])
+    Path(sync.local_cache_file(ws)).unlink(missing_ok=True)   # a first push knows nothing
+    warm_page_cache(ws)
+    rows = {"first push": (cube_push(conn, ws, cube_dir), rsync.push(ws, rsync_dir)),
+            "no-change re-push": (cube_push(conn, ws, cube_dir), rsync.push(ws, rsync_dir))}
+    change_one_mib(ws / "big1.bin", 100 * MiB + 4321)          # not block-aligned
+    rows["1 MiB changed"] = (cube_push(conn, ws, cube_dir), rsync.push(ws, rsync_dir))
+    rsync_first = {k: v for k, v in rows.items()}
+    for name, (c, r) in rsync_first.items():
+        print(fmt_row(name, c, r), flush=True)
+    conn.run(["rm", "-rf", f"{root}/{cube_dir}", rsync_dir])
+    return rows
+
+
+def big_test(conn, rsync: Rsync, tmp: Path, root: str, size: int) -> None:
+    from controller import sync
+    src, back, rback = tmp / "big-src", tmp / "big-back", tmp / "big-rsync-back"
+    for d in (src, back, rback):
+        d.mkdir()
+    digest = write_random(src / "huge.bin", size)
+    print(f"--big: {size / MiB:.0f} MiB file, sha256 {digest[:16]}...", flush=True)
+    cube_dir, rsync_dir = "bench/big-cube", f"{root}/bench/big-rsync"
+    conn.run(["mkdir", "-p", rsync_dir])
+    push = cube_push(conn, src, cube_dir)
+    remote = conn.run(["sha256sum", f"{root}/{cube_dir}/huge.bin"]).stdout.split()[0]
+    start = time.monotonic()
+    report = sync.pull(conn, cube_dir, back, progress=False)
+    pull = (time.monotonic() - start, report.bytes_sent)
+    local = hashlib.sha256()
+    with open(back / "huge.bin", "rb") as f:
+        for chunk in iter(lambda: f.read(64 * MiB), b""):
+            local.update(chunk)
+    ok = remote == digest == local.hexdigest()
+    print(fmt_row("big push", push, rsync.push(src, rsync_dir)))
+    print(fmt_row("big pull", pull, rsync.pull(rsync_dir, rback)))
+    print(f"big: sha256 verified on the host and back here: {'OK' if ok else 'MISMATCH'}; "
+          f"cube push {size / MiB / push[0]:.0f} MiB/s, pull {size / MiB / pull[0]:.0f} MiB/s")
+    conn.run(["rm", "-rf", f"{root}/{cube_dir}", rsync_dir])
+    if not ok:
+        sys.exit(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=1, help="repeat the three pushes N times")
+    ap.add_argument("--small", type=int, default=2000)
+    ap.add_argument("--big-files", type=int, default=4)
+    ap.add_argument("--big-size-mib", type=int, default=256)
+    ap.add_argument("--big", action="store_true", help="also push+pull a 2.5 GiB file")
+    ap.add_argument("--skip-main", action="store_true", help="only the --big test")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="cube-sync-bench-"))
+    os.environ["CUBE_HOME"] = str(tmp / "cube-home")
+    from controller import lab, transport
+    try:
+        host = lab.lab_up(1)[0]
+        conn = transport.connect("lab1")
+        conn.ensure_agent()
+        rsync = Rsync(host, lab.user_key(), tmp / "cube-home" / "known_hosts")
+        print(f"host {host.name} ({host.mode}) {host.address}:{host.port}; "
+              f"cipher {conn.client.get_transport().local_cipher}", flush=True)
+        if not args.skip_main:
+            ws = tmp / "ws"
+            build_workspace(ws, args.small, args.big_files, args.big_size_mib * MiB)
+            runs = [one_run(conn, rsync, ws, conn.root, i) for i in range(args.runs)]
+            if args.runs > 1:
+                print("median over runs:")
+                for name in runs[0]:
+                    med = [tuple(statistics.median(r[name][side][k] for r in runs)
+                                 for k in (0, 1)) for side in (0, 1)]
+                    print(fmt_row(name, *med))
+            shutil.rmtree(ws)
+        if args.big:
+            big_test(conn, rsync, tmp, conn.root, 2560 * MiB)
+        conn.close()
+    finally:
+        lab.lab_down()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
