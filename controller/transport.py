@@ -119,9 +119,16 @@ def _attempt(spec: HostSpec, accept_new: bool, timeout: float,
                        look_for_keys=not spec.identity_files, allow_agent=not spec.identity_files,
                        timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                        channel_timeout=timeout)
-    except BaseException:
+    except BaseException as err:
+        t = client.get_transport()
+        past_kex = t is not None and t.is_active() and t.remote_version  # host key accepted
         client.close()
         sock.close()
+        if past_kex and isinstance(err, (OSError, EOFError, paramiko.SSHException)) \
+                and not isinstance(err, (paramiko.AuthenticationException,
+                                         paramiko.BadHostKeyException)):
+            # e.g. an unreadable key file: an auth problem, retrying would not help
+            raise paramiko.AuthenticationException(str(err) or type(err).__name__) from err
         raise
     client.get_transport().set_keepalive(KEEPALIVE_S)
     return client
@@ -198,6 +205,10 @@ def connect(spec: HostSpec | str, *, accept_new_host_key: bool = False,
     """Open the connection a run reuses for every step. See the module doc for the time budget."""
     if isinstance(spec, str):
         spec = resolve_host(spec)
+    for key in spec.identity_files:
+        if not Path(key).is_file():
+            raise CubeError(f"The identity file {key} of host '{spec.name}' does not exist.",
+                            "Fix identity_file in the inventory or IdentityFile in ~/.ssh/config.")
     conn = HostConnection(spec, accept_new_host_key, connect_timeout, retries)
     conn.reconnect()
     return conn

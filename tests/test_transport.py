@@ -103,9 +103,13 @@ def test_changed_host_key_is_always_an_error(lab, cube_home):
     assert paths.known_hosts_file().read_text().count("\n") == 1  # nothing was added
 
 
-def test_auth_failure_is_not_retried(lab_home, tmp_path, caplog):
+@pytest.mark.parametrize("kind", ["unknown key", "garbage key file"])
+def test_auth_failure_is_not_retried(lab_home, tmp_path, caplog, kind):
     key = tmp_path / "stranger"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    if kind == "unknown key":
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    else:
+        key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n")
     spec = resolve_host("lab1")
     spec.identity_files = [str(key)]
     with caplog.at_level(logging.DEBUG, logger="cube.transport"):
@@ -114,6 +118,13 @@ def test_auth_failure_is_not_retried(lab_home, tmp_path, caplog):
     assert not isinstance(err.value, HostUnreachable)
     assert "Authentication" in str(err.value) and str(key) in err.value.hint
     assert attempts(caplog) == 1
+
+
+def test_missing_identity_file_is_named(lab_home, tmp_path):
+    spec = resolve_host("lab1")
+    spec.identity_files = [str(tmp_path / "nope")]
+    with pytest.raises(CubeError, match="identity file .*nope.* does not exist"):
+        connect(spec)
 
 
 def test_closed_port_is_unreachable_after_retries(lab_home, caplog):
