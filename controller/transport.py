@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import paramiko
+import tenacity
 
 from controller import paths
 from controller.errors import CubeError, HostUnreachable
@@ -179,25 +180,25 @@ def _jump_for(spec: HostSpec, accept_new: bool, timeout: float) -> "HostConnecti
 
 def _connect_client(spec: HostSpec, accept_new: bool, budget: float, retries: int,
                     via: "HostConnection | None") -> paramiko.SSHClient:
-    start, attempt, wait = time.monotonic(), 0, 0.25
-    while True:
-        attempt += 1
+    start = time.monotonic()
+
+    def attempt() -> paramiko.SSHClient:
         left = budget - (time.monotonic() - start)
-        log.debug("connecting to %s (%s), attempt %d", spec.name, spec.address, attempt)
-        try:
-            return _attempt(spec, accept_new, max(1.0, left), via)
-        except Exception as err:  # classified below; anything unexpected is re-raised as is
-            if not _network_error(err):
-                if isinstance(err, (paramiko.SSHException, _UnknownHostKey, socket.gaierror)):
-                    raise _explain(spec, err) from None
-                raise
-            left = budget - (time.monotonic() - start)
-            if attempt >= retries or left <= 0:
-                raise _explain(spec, err) from None
-            log.debug("attempt %d to %s failed (%s); retrying in %.2fs", attempt, spec.name,
-                      err, wait)
-            time.sleep(min(wait, max(left, 0)))
-            wait = min(wait * 2, 2.0)
+        log.debug("connecting to %s (%s), attempt %d", spec.name, spec.address,
+                  retrying.statistics.get("attempt_number", 1))
+        return _attempt(spec, accept_new, max(1.0, left), via)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_network_error),
+        stop=tenacity.stop_after_attempt(retries) | tenacity.stop_after_delay(budget),
+        wait=tenacity.wait_exponential(multiplier=0.25, max=2.0),
+        before_sleep=lambda rs: log.debug("attempt %d to %s failed (%s); retrying",
+                                          rs.attempt_number, spec.name, rs.outcome.exception()),
+        reraise=True)
+    try:
+        return retrying(attempt)
+    except (OSError, EOFError, paramiko.SSHException, _UnknownHostKey) as err:
+        raise _explain(spec, err) from None
 
 
 def connect(spec: HostSpec | str, *, accept_new_host_key: bool = False,
@@ -242,8 +243,12 @@ class HostConnection:
         budget = connect_timeout or self._timeout
         if self.spec.proxy_jump:
             self._jump = _jump_for(self.spec, self._accept_new, budget)
-        self.client = _connect_client(self.spec, self._accept_new, budget, self._retries,
-                                      self._jump)
+        try:
+            self.client = _connect_client(self.spec, self._accept_new, budget, self._retries,
+                                          self._jump)
+        except BaseException:
+            self.close()  # don't leave the jump host's connection behind
+            raise
 
     def close(self) -> None:
         for thing in (self._sftp, self.client, self._jump):
