@@ -13,8 +13,8 @@ run without cube installed and this service without the cube's code, so each car
 copy; keep the two in step.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the endpoint's `request: Request`
+# annotation at definition time, and Request is imported inside create_app.
 import io
 import json
 from pathlib import Path
@@ -37,15 +37,16 @@ class BadInput(ValueError):
 # ------------------------------------------------------------------------- model loading
 
 def _require_serving_stack() -> None:
-    missing = []
-    for module in ("tensorflow", "keras", "fastapi", "uvicorn", "multipart", "PIL"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
+    from importlib.util import find_spec
+
+    # (import names, pip name); python-multipart was importable as `multipart` before 0.0.13.
+    needed = [(("tensorflow",), "tensorflow-cpu"), (("fastapi",), "fastapi"),
+              (("uvicorn",), "uvicorn"), (("python_multipart", "multipart"), "python-multipart"),
+              (("PIL",), "pillow")]
+    missing = [pip for names, pip in needed if not any(find_spec(n) for n in names)]
     if missing:
-        raise CubeError(f"`cube serve` needs {', '.join(missing)}, which is not installed.",
-                        SERVE_HINT)
+        raise CubeError(f"`cube serve` needs {', '.join(missing)}, which "
+                        f"{'is' if len(missing) == 1 else 'are'} not installed.", SERVE_HINT)
 
 
 def load_model(model_dir: Path):
@@ -172,7 +173,7 @@ async def read_pixels(request):
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise BadInput(f"The request is {int(length):,} bytes; the limit is "
-                       f"{MAX_BODY_BYTES:,} (5 MiB).", 413)
+                       f"{MAX_BODY_BYTES:,} bytes (5 MiB).", 413)
     body = await _read_limited(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
