@@ -61,7 +61,8 @@ def main() -> int:
         os.environ["CUBE_HOME"] = str(Path(tmp) / "home")
         workspace = Path(tmp) / "ws"
         shutil.copytree(args.cube / "workspace", workspace)
-        run = [*cube_cli(), "run", str(args.cube), "--task", args.task, "--workspace", str(workspace)]
+        run = [*cube_cli(), "run", str(args.cube), "--task", args.task,
+               "--workspace", str(workspace)]
         timed(run)  # cold: builds the env, not measured
         argv, cwd, env = direct_argv(args.cube, args.task, workspace)
         no_typer = [sys.executable, "-c", "import sys; from controller.cli.local import main_run; "

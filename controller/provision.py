@@ -57,7 +57,8 @@ class LocalExecutor:
             proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                                   timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as err:
-            return ExecResult(124, _text(err.stdout), _text(err.stderr) + f"\ntimed out after {timeout} s")
+            note = f"\ntimed out after {timeout} s"
+            return ExecResult(124, _text(err.stdout), _text(err.stderr) + note)
         return ExecResult(proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -85,7 +85,8 @@ def run_process(argv: list[str], *, cwd: Path | str, log_file: Path, env: dict |
     previous = _install(stopper)
     try:
         with open(log_file, "ab") as log:
-            pump = threading.Thread(target=_pump, args=(proc.stdout.fileno(), out, log), daemon=True)
+            pump = threading.Thread(target=_pump, args=(proc.stdout.fileno(), out, log),
+                                    daemon=True)
             pump.start()
             code = proc.wait()
             _reap_group(pump, stopper)

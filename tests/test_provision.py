@@ -193,7 +193,8 @@ def test_user_playbook_path_is_relative_to_the_cube(tmp_path):
 # ---- the python playbook --------------------------------------------------------------------
 
 def python_vars(env_dir: Path, requirements: list[str]) -> dict:
-    return {"python": sys.executable, "env_dir": str(env_dir), "env_hash": env_dir.name, "requirements": requirements}
+    return {"python": sys.executable, "env_dir": str(env_dir), "env_hash": env_dir.name,
+            "requirements": requirements}
 
 
 def test_python_playbook_builds_env_without_requirements_and_skips_when_present(tmp_path):

@@ -94,7 +94,8 @@ def _show_plan(cube, names: list[str], params: dict[str, str]) -> None:
 
         env_dir = ensure_local_env(cube, _log, plan=True)
         for name in names:
-            typer.echo(f"{name}: {shlex.join(python_task_argv(cube, name, per_task[name], env_dir))}")
+            argv = python_task_argv(cube, name, per_task[name], env_dir)
+            typer.echo(f"{name}: {shlex.join(argv)}")
     else:
         from controller.taskargs import task_argv
 

@@ -45,7 +45,7 @@ def _as_tuple(version: str) -> tuple[int, ...]:
 
 
 def version_matches(version: str, requirement: str | None) -> bool:
-    """Never below 3.8. None: any. "3.11" / "3" / "3.11.4": the version starts with those components.
+    """Never below 3.8. None: any. "3.11" / "3" / "3.11.4": the version starts with those.
     ">=3.9" (also >, <=, <, ==): compared component-wise."""
     have = _as_tuple(version)
     if not requirement or have < MIN_VERSION:  # venv + our playbook need 3.8 whatever is asked
