@@ -233,6 +233,15 @@ def test_logs_rejects_an_offset_past_the_end(root):
     assert proc.returncode == 1 and "offset 99" in json.loads(proc.stdout)["error"]
 
 
+def test_file_errors_answer_json(root):
+    launch(root, "gone", "print('x')")
+    wait_final(root, "gone")
+    (Path(root) / "jobs" / "gone" / "output.log").unlink()
+    proc = agent(root, "logs", "gone", check=False)
+    answer = json.loads(proc.stdout)
+    assert proc.returncode == 1 and "output.log" in answer["error"] and answer["hint"]
+
+
 def test_logs_exit_quietly_when_the_reader_goes_away(root):
     launch(root, "big", "import sys\nfor i in range(200000): print('x' * 100)")
     wait_final(root, "big")
