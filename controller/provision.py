@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import secrets
 import shlex
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +51,15 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Runs commands with `bash -c` on this machine (for `cube run`)."""
+    """Runs commands with `bash -c` on this machine (for `cube run`); /bin/sh where there is
+    no bash, which is why the built-in playbooks stick to POSIX sh."""
+
+    def __init__(self, shell: str | None = None):
+        self.shell = shell or shutil.which("bash") or "/bin/sh"
 
     def sh(self, command: str, *, timeout: float | None = None) -> ExecResult:
         try:
-            proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+            proc = subprocess.run([self.shell, "-c", command], capture_output=True, text=True,
                                   timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as err:
             note = f"\ntimed out after {timeout} s"

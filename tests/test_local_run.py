@@ -118,6 +118,7 @@ def test_ctrl_c_stops_the_task_and_exits_130(tmp_path):
         assert started.exists(), "task never started"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
+        assert "stopped by SIGINT" in proc.stderr.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -209,6 +209,12 @@ def test_python_playbook_builds_env_without_requirements_and_skips_when_present(
     assert {r.status for r in again} == {"skipped"}
 
 
+def test_python_playbook_needs_only_posix_sh(tmp_path):
+    env_dir = tmp_path / "envs" / "posix"
+    run_playbook("python", python_vars(env_dir, []), LocalExecutor(shell="/bin/sh"))
+    assert json.loads((env_dir / "cube-env.json").read_text())["env_hash"] == "posix"
+
+
 def test_python_playbook_installs_requirements_and_records_freeze(tmp_path):
     env_dir = tmp_path / "envs" / "h2"
     run_playbook("python", python_vars(env_dir, ["six"]), LocalExecutor())

@@ -41,11 +41,21 @@ def run_tasks(cube, task_names: list[str], overrides: dict[str, str], *, runtime
         prepare_outputs(cube, name, per_task[name])
         code = run_task(cube, name, per_task[name], log=log, grace=grace)
         if code != 0:
-            raise TaskFailed(name, code, _failure_hint(task_names, name))
+            raise TaskFailed(name, code, _failure_hint(task_names, name, code))
         log(f"task {name} finished")
 
 
-def _failure_hint(task_names: list[str], failed: str) -> str | None:
+def _failure_hint(task_names: list[str], failed: str, code: int) -> str:
     rest = task_names[task_names.index(failed) + 1:]
     skipped = f" Not run: {', '.join(rest)}." if rest else ""
-    return f"See the task's output above and its log file.{skipped}"
+    stopped = _signal_note(code) if code > 128 else ""
+    return f"See the task's output above and its log file.{stopped}{skipped}"
+
+
+def _signal_note(code: int) -> str:
+    import signal
+
+    try:
+        return f" It was stopped by {signal.Signals(code - 128).name}."
+    except ValueError:
+        return ""
