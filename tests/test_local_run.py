@@ -170,3 +170,31 @@ def test_plan_prints_commands_without_building(tmp_path, cube_home):
 def test_unknown_runtime_is_refused(runtime):
     done = cube("run", REPO / "cubes" / "hello", "--task", "greet", "--runtime", runtime)
     assert done.returncode == 2 and f"Unknown runtime '{runtime}'" in done.stderr
+
+
+CALLS: list[tuple[str, dict]] = []
+
+
+def recording_runtime(cube, task, overrides, *, log, grace) -> int:
+    CALLS.append((task, overrides))
+    return 5 if task == "summarize" else 0
+
+
+def test_runtime_registry_dispatches_by_name_with_per_task_overrides(tmp_path, monkeypatch):
+    from controller.cube import load_cube
+    from controller.errors import CubeError, TaskFailed
+    from controller.runtimes import RUNTIMES, get_runtime, run_tasks
+
+    monkeypatch.setitem(RUNTIMES, "recording", f"{__name__}:recording_runtime")
+    ws = copy_workspace(REPO / "cubes" / "hello" / "workspace", tmp_path / "ws")
+    (ws / "greetings").mkdir()
+    cube = load_cube(REPO / "cubes" / "hello", workspace=ws)
+    CALLS.clear()
+    with pytest.raises(TaskFailed) as err:
+        run_tasks(cube, ["greet", "summarize"], {"names": str(ws / "names.yaml")},
+                  runtime="recording", log=lambda _m: None)
+    assert err.value.code == 5 and err.value.exit_code == 5
+    assert CALLS == [("greet", {"names": str(ws / "names.yaml")}), ("summarize", {})]
+    with pytest.raises(CubeError) as unknown:
+        get_runtime("nosuch")
+    assert "Valid runtimes: python" in str(unknown.value)
