@@ -361,3 +361,79 @@ def test_sigterm_to_the_docker_cli_stops_its_container(docker_engine, hello_cube
     finally:
         proc.kill()
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+# ---- remote: lab hosts over real SSH -------------------------------------------------------------
+
+def cube_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class EngineOverSSH(rt.ConnTarget):
+    """A lab host whose commands talk to the second engine: the lab shares this machine's
+    filesystem, so without this the "host" and the controller would share one engine."""
+
+    def __init__(self, conn, docker_host: str):
+        super().__init__(conn)
+        self.prefix = ["env", f"DOCKER_HOST={docker_host}"]
+
+    def sh(self, command: str, *, timeout: float | None = None):
+        return self.conn.sh(f"{shlex.join(self.prefix)} bash -c {shlex.quote(command)}",
+                            timeout=timeout)
+
+    def open_remote_stdin(self, argv: list[str]):
+        return super().open_remote_stdin([*self.prefix, *argv])
+
+
+@integration
+def test_ship_streams_the_image_over_ssh_once(docker_engine, second_engine, lab_home, hello_cube,
+                                              hello_image):
+    from controller.transport import connect
+
+    messages: list[str] = []
+    cube = load_hello(hello_cube, hello_image)
+    local_id = rt.ensure_image(docker_engine, cube, messages.append)
+    second_engine.sh(shlex.join(["docker", "rmi", "-f", hello_image]))
+    with connect("lab1") as conn:
+        host = EngineOverSSH(conn, second_engine.env["DOCKER_HOST"])
+        assert rt.ship_image(hello_image, docker_engine, host, messages.append, "lab1") == local_id
+        assert messages[-1].startswith(f"shipped image {rt.short(local_id)} to lab1 (")
+        rt.ship_image(hello_image, docker_engine, host, messages.append, "lab1")
+        assert messages[-1] == f"host already has image {rt.short(local_id)}, nothing to ship"
+    assert rt.image_id(second_engine, hello_image) == local_id
+
+
+@integration
+@pytest.mark.parametrize("strategy", ["build", "ship"])
+def test_remote_run_in_docker_brings_outputs_back_and_reuses_the_image(
+        docker_engine, lab_home, hello_cube, hello_image, strategy):
+    args = ["remote", "run", str(hello_cube), "--host", "lab1", "--task", "greet,count",
+            "--runtime", "docker", "-P", f"docker.image={hello_image}-{strategy}",
+            "-P", f"docker.build_strategy={strategy}"]
+    first = cube_cli(*args)
+    assert first.returncode == 0, first.stderr
+    ws = hello_cube / "workspace"
+    assert (ws / "report" / "summary.txt").read_text() == "3 greetings\n"
+    assert owners(ws / "greetings") == {(os.getuid(), os.getgid())}
+    second = cube_cli(*args)
+    assert second.returncode == 0, second.stderr
+    reuse = "present, skipping build" if strategy == "build" else "nothing to ship"
+    assert reuse in second.stderr, second.stderr
+    assert "built image" not in second.stderr and "shipped image" not in second.stderr
+    subprocess.run(["docker", "rmi", "-f", f"{hello_image}-{strategy}"], capture_output=True)
+
+
+@integration
+def test_remote_cancel_stops_the_container(docker_engine, lab_home, hello_cube, hello_image):
+    started = cube_cli("remote", "run", str(hello_cube), "--host", "lab1", "--task", "idle",
+                       "--runtime", "docker", "-P", f"docker.image={hello_image}", "--detach")
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.strip().splitlines()[-1]
+    name = f"cube-{job_id}"
+    wait_for(lambda: rt.container_running(docker_engine, name))
+    cancelled = cube_cli("remote", "cancel", job_id, "--grace", "2")
+    assert cancelled.returncode == 0, cancelled.stderr
+    wait_for(lambda: not rt.container_running(docker_engine, name))

@@ -324,15 +324,17 @@ def host_path(path: Path, path_map: Mapping | None) -> str:
     return text
 
 
-def plan_mounts(params, path_map: Mapping | None = None) -> tuple[list[Mount], dict[str, str]]:
+def plan_mounts(params, path_map: Mapping | Callable | None = None
+                ) -> tuple[list[Mount], dict[str, str]]:
     """One bind mount per distinct host folder (a file parameter mounts its parent), and each
-    parameter's path inside the container. A folder shared by an `ro` input and anything
-    writable is mounted read-write: one mount per folder, and the writer needs it; `ro` only
-    holds when the folder is the task's alone to read."""
+    parameter's path inside the container. `path_map` gives host paths: a {local prefix: host
+    prefix} mapping, or a function Param -> host path (remote.remote_path_for). A folder shared
+    by an `ro` input and anything writable is mounted read-write: one mount per folder, and
+    the writer needs it; `ro` only holds when the folder is the task's alone to read."""
     mounts: dict[str, Mount] = {}
     inside: dict[str, str] = {}
     for p in params:
-        full = host_path(p.path, path_map)
+        full = str(path_map(p)) if callable(path_map) else host_path(p.path, path_map)
         folder = full if p.type == "directory" else str(PurePosixPath(full).parent)
         if not PurePosixPath(folder).is_absolute():
             raise CubeError(f"Parameter '{p.name}' maps to '{folder}', which is not an "
@@ -391,7 +393,7 @@ def host_gpus(ex: Executor) -> list[int]:
 def container_argv(cube, task: str, overrides: Mapping | None, *, image: str, job_name: str,
                    uid: int, gid: int, gpus: list[int] | None = None, env: Mapping | None = None,
                    cpus: float | str | None = None, memory: str | None = None,
-                   path_map: Mapping | None = None) -> list[str]:
+                   path_map: Mapping | Callable | None = None) -> list[str]:
     """`docker run` for one task: the image's ENTRYPOINT gets `TASK --param=/mnt/cube/ioN/..`
     (MLCube's convention), built by the one task_argv with container paths."""
     from controller.taskargs import apply_param_overrides
@@ -497,6 +499,91 @@ def plan_task(cube, task: str, overrides: dict[str, str], log: Log,
     return container_argv(cube, task, overrides, image=image_name(cube), job_name="<job>",
                           uid=os.getuid(), gid=os.getgid(), gpus=choose_gpus(cube, host_gpus(ex)),
                           cpus=cube.docker.get("cpus"), memory=cube.docker.get("memory"))
+
+
+# ---- `cube remote run --runtime docker` ------------------------------------------------------
+
+class StreamSink:
+    """StdinSink over a controller.streams Stream (an SSH channel or a local process)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, data: bytes) -> int:
+        return self.stream.write(data)
+
+    def wait(self) -> ExecResult:
+        try:
+            self.stream.close_stdin()
+            code = self.stream.wait()
+            return ExecResult(code, "", self.stream.stderr_text())
+        finally:
+            self.stream.close()
+
+
+class ConnTarget:
+    """A HostConnection as a ship target: `sh` as is, stdin streams on its SSH transport."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def sh(self, command: str, *, timeout: float | None = None) -> ExecResult:
+        return self.conn.sh(command, timeout=timeout)
+
+    def open_remote_stdin(self, argv: list[str]) -> StreamSink:
+        from controller.streams import exec_stream
+
+        return StreamSink(exec_stream(self.conn.client, shlex.join(argv)))
+
+
+def remote_launch_spec(conn, cube, per_task: dict[str, dict], path_for, layout, job_id: str,
+                       probe: dict, log: Log) -> dict:
+    """The agent's launch spec for a docker job: the image made present on the host by its
+    strategy, then one `docker run` per task, all named after the job (tasks run one after
+    another and --rm removes each, so the name is free again; `cancel` stops it by name)."""
+    where = f"host {getattr(getattr(conn, 'spec', None), 'name', None) or probe.get('hostname')}"
+    _require_engine(probe, where)
+    strategy = build_strategy(cube)[0]
+    if strategy == "ship":
+        ensure_ship_image(cube, LocalExecutor(), ConnTarget(conn), log, where)
+    else:
+        context = str(PurePosixPath(layout.cube_dir) / str(cube.docker.get("build_context") or "."))
+        ensure_image(conn, cube, log, strategy=strategy, context_dir=context, where=where)
+    uid, gid = _host_ids(conn, probe)
+    gpus = choose_gpus(cube, [g["index"] for g in probe.get("gpus") or [] if g.get("index") is not None])
+    name = f"cube-{re.sub(r'[^a-zA-Z0-9_.-]+', '-', job_id)}"
+    tasks, folders = [], set()
+    for task, overrides in per_task.items():
+        argv = container_argv(cube, task, overrides, image=image_name(cube), job_name=name,
+                              uid=uid, gid=gid, gpus=gpus, path_map=path_for,
+                              cpus=cube.docker.get("cpus"), memory=cube.docker.get("memory"))
+        tasks.append({"name": task, "argv": argv, "cwd": layout.cube_dir})
+        folders |= {m.host for m in _task_mounts(cube, task, overrides, path_for)}
+    # Every mounted folder exists before `docker run` (--mount refuses missing ones): inputs
+    # were synced, outputs and the inputs an earlier task of the job writes are made here.
+    return {"tasks": tasks, "mkdirs": sorted(folders), "docker_container": name}
+
+
+def _task_mounts(cube, task: str, overrides, path_for) -> list[Mount]:
+    from controller.taskargs import apply_param_overrides
+
+    return plan_mounts(apply_param_overrides(cube, task, overrides), path_for)[0]
+
+
+def _require_engine(probe: dict, where: str) -> None:
+    info = probe.get("docker") or {}
+    if info and not info.get("reachable"):
+        raise CubeError(f"The docker runtime cannot run on {where}: {info.get('error')}.",
+                        info.get("hint") or "Check `docker info` on that host.")
+
+
+def _host_ids(conn, probe: dict) -> tuple[int, int]:
+    """The host user's uid:gid, so outputs there (and pulled back) are not owned by root."""
+    if "uid" in probe and "gid" in probe:
+        return int(probe["uid"]), int(probe["gid"])
+    result = conn.sh("id -u; id -g")
+    uid, gid = result.stdout.split()[:2]
+    return int(uid), int(gid)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
