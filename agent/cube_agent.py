@@ -37,6 +37,7 @@ import errno
 import fcntl
 import glob
 import re
+import select
 import shutil
 import signal
 import socket
@@ -497,13 +498,23 @@ def logs_verb(args):
                 # Read the state first: once it is final, everything the job wrote is in the file.
                 final = args.follow and load_state(path)["state"] in FINAL_STATES
                 copy_to_end(log, out)
-                if final or not args.follow:
+                if final or not args.follow or reader_gone(out.fileno(), args.poll):
                     return None
-                time.sleep(args.poll)
         except BrokenPipeError:  # the reader went away: nothing left to say
             null_fd = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null_fd, out.fileno())
             return None
+
+
+def reader_gone(fd, seconds):
+    """Wait `seconds`, returning early with True once the reader of our stdout pipe or socket is
+    gone (the SSH session died): a quiet job would otherwise keep a stale follower alive."""
+    if not hasattr(select, "poll"):
+        time.sleep(seconds)
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # no events asked: only POLLERR / POLLHUP / POLLNVAL are reported
+    return bool(poller.poll(int(seconds * 1000)))
 
 
 def copy_to_end(log, out):

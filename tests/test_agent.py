@@ -251,6 +251,21 @@ def test_logs_exit_quietly_when_the_reader_goes_away(root):
     assert proc.stderr == b""
 
 
+def test_a_follower_of_a_quiet_job_ends_when_its_reader_goes_away(root):
+    launch(root, "quiet", "import time; print('up', flush=True); time.sleep(600)")
+    wait_for(lambda: b"up" in log_of(root, "quiet"), "the task to start")
+    follower = subprocess.Popen([PY, "-X", "dev", str(AGENT), "--root", str(root), "logs",
+                                 "quiet", "--follow"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    assert follower.stdout.read(3) == b"up\n"
+    follower.stdout.close()  # like an SSH session that died: nothing more will be written
+    assert follower.wait(timeout=WAIT_S) == 0
+    assert follower.stderr.read() == b""
+    follower.stderr.close()
+    assert call(root, "status", "quiet")["state"] == "running"
+    assert call(root, "cancel", "quiet", "--grace", "5")["state"] == "cancelled"
+
+
 def test_job_survives_its_launcher_session_being_killed(root, tmp_path):
     gate = tmp_path / "gate"
     code = ("import os, time\nprint('started', flush=True)\n"
