@@ -197,4 +197,4 @@ def test_runtime_registry_dispatches_by_name_with_per_task_overrides(tmp_path, m
     assert CALLS == [("greet", {"names": str(ws / "names.yaml")}), ("summarize", {})]
     with pytest.raises(CubeError) as unknown:
         get_runtime("nosuch")
-    assert "Valid runtimes: python" in str(unknown.value)
+    assert "Valid runtimes: python, docker" in str(unknown.value)

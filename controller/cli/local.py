@@ -89,15 +89,18 @@ def _show_plan(cube, names: list[str], params: dict[str, str]) -> None:
 
     per_task = overrides_for(cube, names, params)
     _log(f"runtime {cube.env.runtime} ({cube.env.runtime_reason})")
-    if cube.env.runtime == "python":
-        from controller.runtimes.python import ensure_local_env, python_task_argv
+    argv_for = _planner(cube)
+    for name in names:
+        typer.echo(f"{name}: {shlex.join(argv_for(name, per_task[name]))}")
 
-        env_dir = ensure_local_env(cube, _log, plan=True)
-        for name in names:
-            argv = python_task_argv(cube, name, per_task[name], env_dir)
-            typer.echo(f"{name}: {shlex.join(argv)}")
-    else:
-        from controller.taskargs import task_argv
 
-        for name in names:
-            typer.echo(f"{name}: {shlex.join(task_argv(cube, name, per_task[name]))}")
+def _planner(cube):
+    """(task, overrides) -> the argv a run would start, after reporting what it would provision."""
+    if cube.env.runtime == "docker":
+        from controller.runtimes.docker import plan_task
+
+        return lambda name, over: plan_task(cube, name, over, _log)
+    from controller.runtimes.python import ensure_local_env, python_task_argv
+
+    env_dir = ensure_local_env(cube, _log, plan=True)
+    return lambda name, over: python_task_argv(cube, name, over, env_dir)

@@ -16,6 +16,7 @@ from controller.errors import CubeError
 
 RUNTIMES: dict[str, str] = {
     "python": "controller.runtimes.python:run_task",
+    "docker": "controller.runtimes.docker:run_task_in_docker",
 }
 
 
