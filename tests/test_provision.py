@@ -345,3 +345,36 @@ def test_env_whose_base_interpreter_vanished_is_rebuilt(tmp_path, cube_home):
     assert any("rebuilding" in line for line in lines)
     assert (env_dir / "bin" / "python").exists()
     assert sorted(p.name for p in env_dir.parent.iterdir()) == [env_dir.name]
+
+
+def test_ctrl_c_during_a_step_still_runs_the_cleanup(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import REPO
+
+    scratch, book = tmp_path / "scratch", write_book(tmp_path, """
+        name: t
+        on_failure: rm -rf {{ scratch }}
+        steps:
+          - {name: make, run: "mkdir {{ scratch }}"}
+          - {name: slow, run: "sleep 120"}
+    """)
+    script = ("import sys; from controller.provision import LocalExecutor, run_playbook; "
+              "run_playbook(sys.argv[1], {'scratch': sys.argv[2]}, LocalExecutor())")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(book), str(scratch)],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not scratch.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the slow step
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert b"KeyboardInterrupt" in proc.stderr.read()
+    assert not scratch.exists()
