@@ -345,6 +345,10 @@ def _stop(host: LabHost) -> None:
     except (ChildProcessError, TypeError, OSError):
         pass
     if host.netns:
+        # Jobs started on the host detach from sshd; everything in the namespace goes too.
+        pids = _sh("ip", "netns", "pids", host.netns, check=False).stdout.split()
+        for pid in pids:
+            _kill(int(pid), signal.SIGKILL)
         _teardown_netns(host.netns, host.veth)
 
 

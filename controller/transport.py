@@ -100,18 +100,28 @@ def _open_socket(spec: HostSpec, timeout: float, via: "HostConnection | None"):
     return sock
 
 
+def _load_known_hosts(keys: paramiko.HostKeys, path: Path) -> None:
+    """Like OpenSSH, skip lines that do not parse instead of failing on the whole file."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+        except Exception as err:  # paramiko raises several types for malformed lines
+            log.warning("%s:%d: ignoring unreadable known_hosts line (%s)", path, number, err)
+            continue
+        for name in entry.hostnames if entry else ():
+            keys.add(name, entry.key.get_name(), entry.key)
+
+
 def _attempt(spec: HostSpec, accept_new: bool, timeout: float,
              via: "HostConnection | None") -> paramiko.SSHClient:
     client = paramiko.SSHClient()
-    # cube's own file takes precedence: paramiko consults "system" keys first.
-    cube_kh, ssh_kh = paths.known_hosts_file(), Path.home() / ".ssh" / "known_hosts"
-    if cube_kh.exists():
-        client.load_system_host_keys(str(cube_kh))
-    if ssh_kh.exists():
-        try:
-            client.get_host_keys().load(str(ssh_kh))
-        except (OSError, paramiko.SSHException) as err:
-            log.warning("ignoring unreadable %s: %s", ssh_kh, err)
+    # cube's own file is loaded last so its entries replace ~/.ssh's for the same name.
+    for path in (Path.home() / ".ssh" / "known_hosts", paths.known_hosts_file()):
+        _load_known_hosts(client.get_host_keys(), path)
     client.set_missing_host_key_policy(_HostKeyPolicy(accept_new))
     sock = _open_socket(spec, timeout, via)
     try:

@@ -63,6 +63,12 @@ def test_cli_up_status_down(own_lab):
     assert again.returncode == 0
     assert {h.name: h.pid for h in lab.lab_status()} == {n: h.pid for n, h in hosts.items()}
 
+    # A detached process on a host (like a launched job) must not outlive the lab.
+    with connect("lab2") as conn:
+        pid = int(conn.run(["sh", "-c", "setsid sleep 600 >/dev/null 2>&1 < /dev/null & echo $!"]
+                           ).stdout)
+    assert lab._pid_alive(pid)
+
     down = cube("lab", "down")
     assert down.returncode == 0 and "lab1" in down.stdout
     assert all(not lab._pid_alive(h.pid) for h in hosts.values())
@@ -71,6 +77,9 @@ def test_cli_up_status_down(own_lab):
         ["example.org ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA"]
     if hosts["lab1"].netns:
         assert hosts["lab1"].netns not in netns_names()
+        assert not lab._pid_alive(pid)
+    else:
+        os.kill(pid, signal.SIGKILL)
     assert "No lab hosts" in cube("lab", "status").stdout
 
 

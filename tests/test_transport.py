@@ -103,6 +103,21 @@ def test_changed_host_key_is_always_an_error(lab, cube_home):
     assert paths.known_hosts_file().read_text().count("\n") == 1  # nothing was added
 
 
+def test_cube_known_hosts_wins_and_bad_lines_are_skipped(lab_home, tmp_path, monkeypatch):
+    """A stale ~/.ssh/known_hosts line for the same address (an old lab) does not block cube's
+    own, current entry; an unparsable line is skipped like OpenSSH does."""
+    lab1, lab2 = lab_home.host("lab1"), lab_home.host("lab2")
+    name = lab1.address if lab1.port == 22 else f"[{lab1.address}]:{lab1.port}"
+    stale = (lab2.dir / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "known_hosts").write_text(f"{name} {stale[0]} {stale[1]}\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    kh = paths.known_hosts_file()
+    kh.write_text("garbage ssh-ed25519 !!notbase64!!\n" + kh.read_text())
+    with connect("lab1") as conn:
+        assert conn.run(["true"]).code == 0
+
+
 @pytest.mark.parametrize("kind", ["unknown key", "garbage key file"])
 def test_auth_failure_is_not_retried(lab_home, tmp_path, caplog, kind):
     key = tmp_path / "stranger"
