@@ -4,10 +4,12 @@ real signals, real files."""
 from __future__ import annotations
 
 import ast
+import getpass
 import glob
 import json
 import os
 import py_compile
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, require
 
 AGENT = REPO / "agent" / "cube_agent.py"
 PY = sys.executable
@@ -431,3 +433,56 @@ def test_cancel_stops_the_docker_container(root, docker_engine):
         assert not running()  # stopped (--rm then removes it in the background)
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+def agent_processes(*words):
+    """Pids of live agent processes whose command line has all these words."""
+    pids = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            argv = Path(cmdline).read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(AGENT).encode() in argv and all(w.encode() in argv for w in words):
+            pids.append(int(cmdline.split("/")[2]))
+    return pids
+
+
+@pytest.mark.integration
+def test_over_real_ssh_the_job_outlives_its_sessions(lab, tmp_path):
+    require(shutil.which("ssh") is not None, "the OpenSSH client (ssh) is not installed")
+    host = lab.hosts[0]
+    ssh = ["ssh", "-i", str(lab.home / "lab" / "id_ed25519"), "-o", "BatchMode=yes",
+           "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=%s" % lab.known_hosts,
+           "-p", str(host.port), "%s@%s" % (getpass.getuser(), host.address)]
+
+    def remote(*args):
+        return ssh + [shlex.join([PY, str(AGENT), "--root", host.root, *args])]
+
+    job_id, gate = "ssh-%d-%d" % (os.getpid(), time.monotonic_ns()), tmp_path / "gate"
+    code = ("import os, time\nprint('started', flush=True)\n"
+            "while not os.path.exists(%r): time.sleep(0.01)\nprint('done')\n" % str(gate))
+    spec = {"job_id": job_id, "name": "ssh", "argv": [PY, "-c", code]}
+    try:
+        # ssh returns: the supervisor holds none of the channel's pipes.
+        proc = subprocess.run(remote("launch"), input=json.dumps(spec).encode(),
+                              capture_output=True, timeout=WAIT_S)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["state"] == "running"
+        follower = subprocess.Popen(remote("logs", job_id, "--follow"), stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+        assert follower.stdout.readline() == b"started\n"
+        assert lab.kill_ssh_sessions(host.name) >= 1
+        follower.wait(timeout=WAIT_S)
+        follower.stdout.close()
+        wait_for(lambda: not agent_processes("logs", job_id), "the remote follower to end")
+        status = subprocess.run(remote("status", job_id), capture_output=True, timeout=WAIT_S)
+        assert json.loads(status.stdout)["state"] == "running"
+        gate.touch()
+        rest = subprocess.run(remote("logs", job_id, "--offset", "8", "--follow"),
+                              capture_output=True, timeout=WAIT_S)
+        assert rest.stdout == b"done\n"
+        status = subprocess.run(remote("status", job_id), capture_output=True, timeout=WAIT_S)
+        assert json.loads(status.stdout)["state"] == "succeeded"
+    finally:
+        gate.touch()
