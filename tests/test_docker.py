@@ -368,7 +368,7 @@ def test_sigterm_to_the_docker_cli_stops_its_container(docker_engine, hello_cube
 def cube_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     import sys
 
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "controller.cli", "--debug", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -437,3 +437,50 @@ def test_remote_cancel_stops_the_container(docker_engine, lab_home, hello_cube, 
     cancelled = cube_cli("remote", "cancel", job_id, "--grace", "2")
     assert cancelled.returncode == 0, cancelled.stderr
     wait_for(lambda: not rt.container_running(docker_engine, name))
+
+
+def test_with_folders_makes_the_mount_folders_then_execs_the_command(tmp_path):
+    folders = [str(tmp_path / "a b" / "out"), str(tmp_path / "c")]
+    argv = rt.with_folders(folders, ["sh", "-c", 'echo "$$ $1"', "sh", "x y"])
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.split(" ", 1)[1] == "x y\n"
+    assert all(Path(f).is_dir() for f in folders)
+
+
+@integration
+def test_launch_spec_runs_the_job_through_the_agent(docker_engine, hello_cube, hello_image,
+                                                   tmp_path):
+    """remote_launch_spec as the agent runs it (locally: the agent is the same file on hosts):
+    the image by its strategy, folders made, both tasks in job-named containers."""
+    import shutil
+    import sys
+
+    from controller.remote import RemoteLayout, job_params, remote_path_for
+
+    cube = load_hello(hello_cube, hello_image)
+    per_task = {"greet": {}, "count": {}}
+    layout = RemoteLayout(str(tmp_path / "root"), cube.name, "job-1")
+    (Path(layout.inputs_dir) / "input").mkdir(parents=True)
+    shutil.copy(hello_cube / "workspace" / "input" / "names.txt", Path(layout.inputs_dir) / "input")
+    shutil.copytree(hello_cube, layout.cube_dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("workspace"))
+    agent = [sys.executable, str(Path(rt.__file__).parents[2] / "agent" / "cube_agent.py"),
+             "--root", layout.root]
+    probe = json.loads(subprocess.run([*agent, "probe"], capture_output=True, text=True).stdout)
+    messages: list[str] = []
+    spec = rt.remote_launch_spec(docker_engine, cube, per_task,
+                                 remote_path_for(job_params(cube, per_task), layout), layout,
+                                 "job-1", probe, messages.append)
+    assert spec["docker_container"] == "cube-job-1"
+    launched = subprocess.run([*agent, "launch"], input=json.dumps({"job_id": "job-1", **spec}),
+                              capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    status = lambda: json.loads(subprocess.run([*agent, "status", "job-1"], capture_output=True,
+                                               text=True).stdout)
+    wait_for(lambda: status()["state"] not in ("pending", "running"))
+    assert status()["state"] == "succeeded"
+    outputs = Path(layout.outputs_dir)
+    assert (outputs / "report" / "summary.txt").read_text() == "3 greetings\n"
+    assert owners(outputs / "greetings") == {(os.getuid(), os.getgid())}
+    log = (Path(layout.job_dir) / "output.log").read_text()
+    assert "greeted 3 names" in log and "counted 3 greetings" in log

@@ -552,16 +552,22 @@ def remote_launch_spec(conn, cube, per_task: dict[str, dict], path_for, layout, 
     uid, gid = _host_ids(conn, probe)
     gpus = choose_gpus(cube, [g["index"] for g in probe.get("gpus") or [] if g.get("index") is not None])
     name = f"cube-{re.sub(r'[^a-zA-Z0-9_.-]+', '-', job_id)}"
-    tasks, folders = [], set()
+    tasks = []
     for task, overrides in per_task.items():
         argv = container_argv(cube, task, overrides, image=image_name(cube), job_name=name,
                               uid=uid, gid=gid, gpus=gpus, path_map=path_for,
                               cpus=cube.docker.get("cpus"), memory=cube.docker.get("memory"))
-        tasks.append({"name": task, "argv": argv, "cwd": layout.cube_dir})
-        folders |= {m.host for m in _task_mounts(cube, task, overrides, path_for)}
-    # Every mounted folder exists before `docker run` (--mount refuses missing ones): inputs
-    # were synced, outputs and the inputs an earlier task of the job writes are made here.
-    return {"tasks": tasks, "mkdirs": sorted(folders), "docker_container": name}
+        folders = [m.host for m in _task_mounts(cube, task, overrides, path_for)]
+        tasks.append({"name": task, "argv": with_folders(folders, argv), "cwd": layout.cube_dir})
+    return {"tasks": tasks, "docker_container": name}
+
+
+def with_folders(folders: list[str], argv: list[str]) -> list[str]:
+    """argv run after `mkdir -p` of the mount folders, made by the host user just before the
+    task (--mount refuses missing ones; a job's outputs, and inputs an earlier task of the
+    job writes, exist only then). `exec` keeps one process, so signals reach `docker run`."""
+    script = f"mkdir -p -- {shlex.join(folders)} && exec \"$@\"" if folders else 'exec "$@"'
+    return ["/bin/sh", "-c", script, "sh", *argv]
 
 
 def _task_mounts(cube, task: str, overrides, path_for) -> list[Mount]:
