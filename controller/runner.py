@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from controller.errors import CubeError
+
 CHUNK = 65536
 LINGER_S = 1.0  # how long a finished task's leftovers may keep writing
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
@@ -78,9 +80,14 @@ def run_process(argv: list[str], *, cwd: Path | str, log_file: Path, env: dict |
     """Run argv to completion and return its exit code (128+N when killed by signal N, or
     when cube stopped it on signal N)."""
     out = out if out is not None else sys.stdout.buffer
-    proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    try:
+        proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    except OSError as err:
+        raise CubeError(f"Cannot start the task command {argv[0]}: {err.strerror}.",
+                        "Check that the cube's entry point exists; `cube run --plan` shows "
+                        "the command.") from None
     stopper = _GroupStopper(proc.pid, grace)
     previous = _install(stopper)
     try:
@@ -105,7 +112,8 @@ def _reap_group(pump: threading.Thread, stopper: _GroupStopper) -> None:
     pump.join(LINGER_S)
     if pump.is_alive():
         stopper.stop_leftovers()
-        pump.join()
+        # A holdout that left the group (setsid) is out of reach: stop reading after that.
+        pump.join(stopper.grace + 5)
 
 
 def _pump(fd: int, out: BinaryIO, log: BinaryIO) -> None:

@@ -131,3 +131,12 @@ def test_log_path_defaults_to_workspace_logs(tmp_path):
     cube = load_cube(REPO / "cubes" / "hello", workspace=tmp_path / "ws")
     path = task_log_path(cube, "greet")
     assert path.parent == tmp_path / "ws" / "logs" and path.suffix == ".log"
+
+
+def test_missing_command_is_a_cube_error(tmp_path):
+    from controller.errors import CubeError
+
+    with pytest.raises(CubeError) as err:
+        run_process([str(tmp_path / "no-such-python"), "x.py"], cwd=tmp_path,
+                    log_file=tmp_path / "l", out=io.BytesIO())
+    assert "no-such-python" in str(err.value) and "No such file" in str(err.value)
