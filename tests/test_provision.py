@@ -378,3 +378,22 @@ def test_ctrl_c_during_a_step_still_runs_the_cleanup(tmp_path):
             proc.kill()
     assert b"KeyboardInterrupt" in proc.stderr.read()
     assert not scratch.exists()
+
+
+def test_python_playbook_removes_day_old_temp_dirs_of_killed_builds(tmp_path):
+    import os
+
+    env_dir = tmp_path / "envs" / "h4"
+    stale, fresh = Path(f"{env_dir}.tmp-dead0001"), Path(f"{env_dir}.tmp-live0002")
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+    old = time_ago(days=2)
+    os.utime(stale, (old, old))
+    run_playbook("python", python_vars(env_dir, []), LocalExecutor())
+    assert not stale.exists() and fresh.exists()  # a build still running keeps its dir
+
+
+def time_ago(days: float) -> float:
+    import time
+
+    return time.time() - days * 86400
