@@ -355,6 +355,8 @@ def supervise_verb(args):
         final, code, error = run_tasks(path, spec, state, cancel)
     except Exception as err:  # recorded, so the job ends "failed" instead of "lost"
         traceback.print_exc()
+        if state.get("task_pgid"):
+            signal_group(state["task_pgid"], signal.SIGKILL)  # no task outlives its supervisor
         final, code, error = "failed", None, "the job's supervisor failed: %r" % err
     state.update(state=final, exit_code=code, error=error, ended_at=utc_now())
     save_json_atomic(os.path.join(path, "state.json"), state)
