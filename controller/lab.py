@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,8 +73,6 @@ def use_netns() -> bool:
     forced = os.environ.get("CUBE_LAB_NETNS")
     if forced is not None:
         return forced not in ("0", "", "no", "false")
-    import shutil
-
     return os.geteuid() == 0 and shutil.which("ip") is not None
 
 

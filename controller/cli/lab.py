@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 from controller import lab, paths
@@ -14,9 +16,12 @@ app.add_typer(lab_app, name="lab")
 
 @lab_app.command("up")
 def up(hosts: int = typer.Option(1, "--hosts", "-n", help="How many hosts (lab1..labN)."),
+       netns: Optional[bool] = typer.Option(
+           None, "--netns/--no-netns",
+           help="Own network namespace per host (default: when root) or sshd on 127.0.0.1."),
        ) -> None:
     """Start lab hosts (running ones are kept) and add them to the inventory."""
-    started = lab.lab_up(hosts)
+    started = lab.lab_up(hosts, netns=netns)
     for h in started:
         typer.echo(f"{h.name}: {h.address}:{h.port} ({h.mode}) root {h.root}")
     typer.echo(f"Inventory: {paths.inventory_file()}  known hosts: {paths.known_hosts_file()}")
