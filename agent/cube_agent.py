@@ -862,6 +862,8 @@ IO_CHUNK = 1 << 20            # read/write/hash in large buffers
 TMP_PREFIX = ".cube-tmp-"
 IGNORED_DIRS = frozenset([".git", "__pycache__", ".venv", "venv", ".ipynb_checkpoints"])
 HASH_STATS = {"files": 0, "bytes": 0}   # lets tests prove that a cached tree is not re-read
+# Data reaches the disk before its rename. CUBE_SYNC_FSYNC=0 (benchmarks only) measures its cost.
+FSYNC = os.environ.get("CUBE_SYNC_FSYNC", "1") != "0"
 _tmp_counter = [0]
 
 
@@ -1038,19 +1040,39 @@ def plan(src, dst, delete):
 
 # -- sending --
 
-class _BlockReader(object):
-    """File-like view of selected blocks of a file, for a patch member's payload."""
+class TarWriter(object):
+    """A minimal pax tar writer straight onto the output: tarfile's stream mode re-buffers
+    (and copies) every byte, which costs more than hashing it."""
 
-    def __init__(self, f, blocks, size):
-        self.f, self.pending, self.size, self.buf = f, list(blocks), size, b""
+    def __init__(self, out):
+        self.out, self.buf = out, bytearray(IO_CHUNK)
 
-    def read(self, n=-1):
-        while self.pending and (n < 0 or len(self.buf) < n):
-            i = self.pending.pop(0)
-            self.f.seek(i * BLOCK_SIZE)
-            self.buf += self.f.read(min(BLOCK_SIZE, self.size - i * BLOCK_SIZE))
-        out, self.buf = (self.buf, b"") if n < 0 else (self.buf[:n], self.buf[n:])
-        return out
+    def addfile(self, info, chunks=()):
+        self.out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        sent = 0
+        for chunk in chunks:
+            self.out.write(chunk)
+            sent += len(chunk)
+        if sent != info.size:
+            raise AgentError("'%s' changed size while it was being sent." % info.name,
+                             "Run the sync again once the file is no longer being written.")
+        if sent % tarfile.BLOCKSIZE:
+            self.out.write(tarfile.NUL * (tarfile.BLOCKSIZE - sent % tarfile.BLOCKSIZE))
+
+    def close(self):
+        self.out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+
+    def ranges(self, f, spans):
+        """Chunks of the file for (offset, length) spans, read into one reused buffer."""
+        view = memoryview(self.buf)
+        for offset, length in spans:
+            f.seek(offset)
+            while length > 0:
+                n = f.readinto(view[:min(length, IO_CHUNK)])
+                if not n:
+                    return
+                yield view[:n]
+                length -= n
 
 
 def _info(rel, op, payload=0, **pax):
@@ -1061,29 +1083,25 @@ def _info(rel, op, payload=0, **pax):
 
 
 def _add_file(tar, top, rel, entry, base_blocks):
-    path = os.path.join(top, rel)
+    path, size = os.path.join(top, rel), entry["size"]
     meta = dict(sha256=entry["sha256"], mode=entry["mode"], mtime_ns=entry["mtime_ns"],
-                size=entry["size"])
-    with open(path, "rb") as f:
+                size=size)
+    with open(path, "rb", buffering=0) as f:
         if base_blocks is not None:
             idx = changed_blocks(entry["blocks"], base_blocks)
-            payload = sum(min(BLOCK_SIZE, entry["size"] - i * BLOCK_SIZE) for i in idx)
-            ti = _info(rel, "patch", payload, blocks=",".join(map(str, idx)), **meta)
-            tar.addfile(ti, _BlockReader(f, idx, entry["size"]))
+            spans = [(i * BLOCK_SIZE, min(BLOCK_SIZE, size - i * BLOCK_SIZE)) for i in idx]
+            ti = _info(rel, "patch", sum(n for _, n in spans),
+                       blocks=",".join(map(str, idx)), **meta)
+            tar.addfile(ti, tar.ranges(f, spans))
         else:
-            tar.addfile(_info(rel, "file", entry["size"], **meta), f)
+            tar.addfile(_info(rel, "file", size, **meta), tar.ranges(f, [(0, size)]))
 
 
 def write_stream(top, ops, out, manifest):
     """Write the sync stream for ops (entries taken from top's manifest) to a binary file."""
-    tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=IO_CHUNK)
-    tar.copybufsize = IO_CHUNK
-    try:
-        for op in ops:
-            _add_op(tar, top, op, manifest)
-    except BaseException:
-        tar.closed = tar.fileobj.closed = True   # no end-of-archive marker after a failure
-        raise
+    tar = TarWriter(out)
+    for op in ops:
+        _add_op(tar, top, op, manifest)
     tar.close()
 
 
@@ -1207,11 +1225,12 @@ class Finisher(object):
 
     def _land(self, tmp, dest):
         try:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if FSYNC:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(tmp, dest)
             with self.lock:
                 self.landed.add(dest)
@@ -1243,6 +1262,7 @@ def _receive_file(tar, member, dest, rel, progress, finisher):
 
 
 def _receive_patch(tar, member, dest, rel, progress, finisher):
+    """New file = old blocks + received blocks, built in one pass that hashes as it writes."""
     pax = member.pax_headers
     try:
         if not stat.S_ISREG(os.lstat(dest).st_mode):
@@ -1250,29 +1270,48 @@ def _receive_patch(tar, member, dest, rel, progress, finisher):
     except OSError:
         raise AgentError("A block patch for '%s' arrived but there is no regular file to patch."
                          % rel, "Run the sync again; it sends the whole file.")
-    tmp, size = _tmp_name(dest), int(pax["CUBE.size"])
-    idx = [int(i) for i in pax["CUBE.blocks"].split(",") if i]
+    size = int(pax["CUBE.size"])
+    changed = set(int(i) for i in pax["CUBE.blocks"].split(",") if i)
+    tmp = _tmp_name(dest)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
-        shutil.copyfile(dest, tmp)
-        src = tar.extractfile(member)
-        with open(tmp, "r+b") as f:
-            for i in idx:
-                f.seek(i * BLOCK_SIZE)
-                n = min(BLOCK_SIZE, size - i * BLOCK_SIZE)
-                data = src.read(n)
-                if len(data) != n:
-                    raise AgentError("The sync stream ended early (connection cut?).",
-                                     "Run the sync again; it resumes where it stopped.")
-                f.write(data)
-                if progress:
-                    progress(n)
-            f.truncate(size)
-        sha, blocks = hash_file(tmp, size >= BLOCK_THRESHOLD)
+        try:
+            with open(dest, "rb", buffering=0) as old:
+                pieces = _patched_blocks(old, tar.extractfile(member), changed, size, progress)
+                sha, blocks = _hash_and_write(_Chunks(pieces), fd, size, None)
+        finally:
+            os.close(fd)
         _finish(tmp, dest, rel, pax, sha, finisher)
     except BaseException:
         _unlink_quiet(tmp)
         raise
     return sha, blocks
+
+
+def _patched_blocks(old, new, changed, size, progress):
+    for i in range((size + BLOCK_SIZE - 1) // BLOCK_SIZE):
+        n = min(BLOCK_SIZE, size - i * BLOCK_SIZE)
+        if i in changed:
+            data = new.read(n)
+            if progress:
+                progress(n)
+        else:
+            old.seek(i * BLOCK_SIZE)
+            data = old.read(n)
+        if len(data) != n:
+            raise AgentError("The sync stream ended early, or the file to patch changed.",
+                             "Run the sync again; it resumes where it stopped.")
+        yield data
+
+
+class _Chunks(object):
+    """read() over an iterator of byte strings (each read returns the next one)."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def read(self, n=-1):
+        return next(self.it, b"")
 
 
 def _unlink_quiet(path):

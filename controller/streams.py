@@ -16,7 +16,7 @@ from typing import Protocol
 import paramiko
 
 CHUNK = 1 << 20
-WINDOW = 64 << 20          # receive window: the server may send this much before waiting
+WINDOW = 16 << 20          # receive window: the server may send this much before waiting
 MAX_PACKET = 1 << 18       # biggest SSH packet we accept from the server (RFC 4254 allows it)
 NO_REKEY = 1 << 62         # our side never asks for a re-key by volume
 
@@ -54,10 +54,15 @@ def exec_stream(client_or_transport, command: str) -> ChannelStream:
 class ChannelStream:
     def __init__(self, channel: paramiko.Channel):
         self.channel = channel
+        self._pending, self._pos = b"", 0
 
     def write(self, data) -> int:
-        self.channel.sendall(data)
-        return len(data)
+        # Channel.sendall re-slices the remaining bytes after every packet (quadratic for
+        # large buffers): hand it one packet's worth at a time instead.
+        view, piece = memoryview(data), max(self.channel.out_max_packet_size, 1 << 15)
+        for start in range(0, len(view), piece):
+            self.channel.sendall(bytes(view[start:start + piece]))
+        return len(view)
 
     def close_stdin(self) -> None:
         self.channel.shutdown_write()
@@ -65,15 +70,15 @@ class ChannelStream:
     def read(self, n: int = -1) -> bytes:
         """Up to n bytes (all of them when n < 0); b"" only at end of stream."""
         if n < 0:
-            return b"".join(iter(lambda: self.channel.recv(CHUNK), b""))
-        parts, want = [], n
-        while want:
-            data = self.channel.recv(min(want, CHUNK) if want > 0 else CHUNK)
-            if not data:
-                break
-            parts.append(data)
-            want -= len(data)
-        return b"".join(parts)
+            rest = self._pending[self._pos:]
+            self._pending = b""
+            return rest + b"".join(iter(lambda: self.channel.recv(WINDOW), b""))
+        if self._pos >= len(self._pending):
+            # Take everything paramiko has buffered: a partial read makes it memmove the rest.
+            self._pending, self._pos = self.channel.recv(WINDOW), 0
+        out = self._pending[self._pos:self._pos + n]
+        self._pos += len(out)
+        return out
 
     def wait(self) -> int:
         return self.channel.recv_exit_status()
