@@ -388,22 +388,38 @@ class EngineOverSSH(rt.ConnTarget):
         return super().open_remote_stdin([*self.prefix, *argv])
 
 
+@pytest.fixture
+def tiny_image(docker_engine, tmp_path):
+    """A one-file image (docker import of a small tar), so SSH tests move kilobytes, not the
+    base image's 120 MB."""
+    import tarfile
+
+    tar = tmp_path / "tiny.tar"
+    (tmp_path / "hello.txt").write_text("hello\n" * 1000)
+    with tarfile.open(tar, "w") as t:
+        t.add(tmp_path / "hello.txt", arcname="hello.txt")
+    tag = f"cube/tiny-test:{os.getpid()}-{tmp_path.name[-12:]}"
+    with open(tar, "rb") as f:
+        subprocess.run(["docker", "import", "-", tag], stdin=f, check=True, capture_output=True)
+    yield tag
+    subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+
 @integration
-def test_ship_streams_the_image_over_ssh_once(docker_engine, second_engine, lab_home, hello_cube,
-                                              hello_image):
+def test_ship_streams_the_image_over_ssh_once(docker_engine, second_engine, lab_home, tiny_image):
     from controller.transport import connect
 
     messages: list[str] = []
-    cube = load_hello(hello_cube, hello_image)
-    local_id = rt.ensure_image(docker_engine, cube, messages.append)
-    second_engine.sh(shlex.join(["docker", "rmi", "-f", hello_image]))
+    local_id = rt.image_id(docker_engine, tiny_image)
     with connect("lab1") as conn:
         host = EngineOverSSH(conn, second_engine.env["DOCKER_HOST"])
-        assert rt.ship_image(hello_image, docker_engine, host, messages.append, "lab1") == local_id
+        assert rt.image_id(host, tiny_image) is None
+        assert rt.ship_image(tiny_image, docker_engine, host, messages.append, "lab1") == local_id
         assert messages[-1].startswith(f"shipped image {rt.short(local_id)} to lab1 (")
-        rt.ship_image(hello_image, docker_engine, host, messages.append, "lab1")
+        rt.ship_image(tiny_image, docker_engine, host, messages.append, "lab1")
         assert messages[-1] == f"host already has image {rt.short(local_id)}, nothing to ship"
-    assert rt.image_id(second_engine, hello_image) == local_id
+    assert rt.image_id(second_engine, tiny_image) == local_id
+    second_engine.sh(shlex.join(["docker", "rmi", "-f", tiny_image]))
 
 
 @integration
