@@ -45,8 +45,14 @@ def _register() -> None:
 
 
 def main() -> None:
-    _register()
     try:
+        if sys.argv[1:2] == ["run"] and "--help" not in sys.argv and "-h" not in sys.argv:
+            # Fast path: a warm local run skips typer and the other command modules.
+            from controller.cli.local import main_run
+
+            main_run(sys.argv[2:])
+            sys.exit(0)
+        _register()
         rv = app(standalone_mode=False)
         # In non-standalone mode click returns typer.Exit's code instead of exiting.
         sys.exit(rv if isinstance(rv, int) else 0)
