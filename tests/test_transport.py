@@ -18,6 +18,7 @@ from controller import paths, transport
 from controller.errors import CubeError, HostUnreachable
 from controller.hosts import resolve_host
 from controller.transport import ConnectionLost, connect
+from tests.conftest import require
 
 pytestmark = pytest.mark.integration
 
@@ -163,8 +164,7 @@ def test_unresolvable_name_fails_at_once(lab_home, caplog):
 
 
 def test_cut_link_is_unreachable(lab_home):
-    if not lab_home.netns:
-        pytest.skip("links can only be cut when the lab runs in network namespaces (root)")
+    require(lab_home.netns, "cutting a link needs the lab in network namespaces (root)")
     lab_home.cut_link("lab2")
     try:
         with pytest.raises(HostUnreachable) as err:
@@ -178,8 +178,7 @@ def test_cut_link_is_unreachable(lab_home):
 
 def test_cut_link_under_a_running_command_is_detected(lab_home, monkeypatch):
     """Keepalives + TCP_USER_TIMEOUT turn a silent link cut into ConnectionLost (not a hang)."""
-    if not lab_home.netns:
-        pytest.skip("links can only be cut when the lab runs in network namespaces (root)")
+    require(lab_home.netns, "cutting a link needs the lab in network namespaces (root)")
     monkeypatch.setattr(transport, "KEEPALIVE_S", 1)
     monkeypatch.setattr(transport, "TCP_USER_TIMEOUT_MS", 2000)
     with connect("lab2") as conn:
