@@ -306,6 +306,14 @@ def test_ship_sends_the_image_once_then_nothing(docker_engine, second_engine, he
 
 
 @integration
+def test_ship_to_an_engine_that_cannot_load_says_so(docker_engine, tiny_image, tmp_path):
+    dead = EngineExecutor(f"unix://{tmp_path}/gone.sock")
+    with pytest.raises(CubeError, match=r"`docker load` on lab9 failed") as err:
+        rt.ship_image(tiny_image, docker_engine, dead, lambda _m: None, "lab9")
+    assert "Cannot connect to the Docker daemon" in err.value.message
+
+
+@integration
 def test_ship_to_the_same_engine_sends_nothing(docker_engine, hello_cube, hello_image):
     messages: list[str] = []
     cube = load_hello(hello_cube, hello_image)

@@ -274,8 +274,7 @@ def ensure_ship_image(cube, local: Executor, remote: ShipTarget, log: Log,
     """The `ship` strategy: the image on the controller (auto: present, else built or
     pulled here), then sent to the host's engine."""
     check_engine(remote, where)
-    local_strategy = "auto"
-    ensure_image(local, cube, log, strategy=local_strategy)
+    ensure_image(local, cube, log, strategy="auto")
     return ship_image(image_name(cube), local, remote, log, where)
 
 
