@@ -395,16 +395,25 @@ def kill_ssh_sessions(name: str) -> int:
     return len(kids)
 
 
+def _peer(host: LabHost) -> str:
+    return "cp" + host.veth[2:]  # the namespace's end of the pair (see _setup_netns)
+
+
 def cut_link(name: str) -> None:
-    """Take the host's link down: packets vanish (no RST), like a pulled cable."""
+    """Pull the host's cable: its end of the veth goes down, so packets to it are silently
+    dropped (no RST, no ICMP). Downing our end instead would remove the route to 10.203.X.0/24
+    and send the packets out of the default route, where a gateway may answer them."""
     host = _require(name)
     if not host.veth:
         raise CubeError(f"Lab host '{name}' has no link to cut (it runs on 127.0.0.1).",
                         "Run the lab as root so each host gets its own network namespace.")
-    _sh("ip", "link", "set", host.veth, "down")
+    _sh("ip", "-n", host.netns, "link", "set", _peer(host), "down")
 
 
 def restore_link(name: str) -> None:
     host = _require(name)
     if host.veth:
-        _sh("ip", "link", "set", host.veth, "up")
+        _sh("ip", "-n", host.netns, "link", "set", _peer(host), "up")
+        # The namespace's default route went away with its link.
+        gateway = host.address.rsplit(".", 1)[0] + ".1"
+        _sh("ip", "-n", host.netns, "route", "replace", "default", "via", gateway)

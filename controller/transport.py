@@ -33,6 +33,9 @@ from controller.hosts import HostSpec, atomic_write, file_lock, resolve_host
 from controller.provision import ExecResult  # one result type for every executor
 
 log = logging.getLogger("cube.transport")
+# paramiko logs each failed attempt's traceback from its own thread; without a handler Python
+# would print them to stderr between our retries. --debug (root handlers) still shows them.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 KEEPALIVE_S = 5          # SSH-level keepalive so idle connections carry traffic...
 TCP_USER_TIMEOUT_MS = 20_000  # ...and unacked traffic on a cut link errors out within ~20 s
@@ -412,7 +415,8 @@ class HostConnection:
             raise CubeError(f"The cube agent on host '{self.spec.name}' gave no JSON answer to "
                             f"'{verb}' (exit code {result.code}): {tail or result.stdout[:200]}",
                             "Check that python3 >= 3.8 is installed on the host.") from None
-        if isinstance(answer, dict) and "error" in answer:
+        # Agent errors exit 1; a job state may carry an "error" field of its own.
+        if result.code != 0 and isinstance(answer, dict) and answer.get("error"):
             raise CubeError(f"host '{self.spec.name}': {answer['error']}", answer.get("hint"))
         return answer
 
