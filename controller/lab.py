@@ -304,7 +304,12 @@ def lab_up(n: int = 1, netns: bool | None = None) -> list[LabHost]:
     hosts = []
     for index in range(1, n + 1):
         current = _status_of(f"lab{index}")
-        hosts.append(current if current and current.up else _start_host(index, netns_mode))
+        if current and current.up:
+            hosts.append(current)
+            continue
+        if current:  # crashed or cut off: clear what is left (process, namespace) first
+            _stop(current)
+        hosts.append(_start_host(index, netns_mode))
     if any(h.mode == "netns" for h in hosts):
         _allow_forwarding()
     _write_known_hosts(hosts)
