@@ -26,6 +26,13 @@ def run_greet(cube, log, **kwargs) -> int:
     return rt.run_task_in_docker(cube, "greet", {}, log=log, **kwargs)
 
 
+def cube_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def owners(folder: Path) -> set[tuple[int, int]]:
     return {(p.stat().st_uid, p.stat().st_gid) for p in [folder, *folder.rglob("*")]}
 
@@ -325,17 +332,27 @@ def test_ship_to_the_same_engine_sends_nothing(docker_engine, hello_cube, hello_
 # ---- cube run --runtime docker, plan, and cancel through the CLI process ----------------------
 
 @integration
-def test_cube_run_with_the_docker_runtime_runs_a_task_chain(docker_engine, hello_cube, hello_image,
-                                                            monkeypatch, capfd):
-    from controller import runtimes
-    from controller.cli.local import run_cube
-
-    # Registered by controller/runtimes/__init__.py once wired; the test states the contract.
-    monkeypatch.setitem(runtimes.RUNTIMES, "docker", "controller.runtimes.docker:run_task_in_docker")
-    run_cube(hello_cube, "greet,count", [], runtime="docker", config=[f"docker.image={hello_image}"])
+def test_cube_run_with_the_docker_runtime_runs_a_task_chain(docker_engine, hello_cube,
+                                                            hello_image):
+    args = ["run", str(hello_cube), "--task", "greet,count", "--runtime", "docker",
+            "-P", f"docker.image={hello_image}"]
+    first = cube_cli(*args)
+    assert first.returncode == 0, first.stderr
     assert (hello_cube / "workspace" / "report" / "summary.txt").read_text() == "3 greetings\n"
-    out, err = capfd.readouterr()
-    assert "greeted 3 names" in out and "in container cube-hello-docker-greet-" in err
+    assert "greeted 3 names" in first.stdout and "in container cube-hello-docker-greet-" in first.stderr
+    second = cube_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "present, skipping build" in second.stderr and "built image" not in second.stderr
+
+
+@integration
+def test_cube_run_in_docker_exits_with_the_tasks_code(docker_engine, hello_cube, hello_image):
+    empty = hello_cube / "workspace" / "input" / "empty.txt"
+    empty.write_text("")
+    result = cube_cli("run", str(hello_cube), "--task", "greet", "--runtime", "docker",
+                      "-P", f"docker.image={hello_image}", f"names={empty}")
+    assert result.returncode == 3, result.stderr
+    assert "no names in /mnt/cube/io0/empty.txt" in result.stdout + result.stderr
 
 
 @integration
@@ -372,13 +389,6 @@ def test_sigterm_to_the_docker_cli_stops_its_container(docker_engine, hello_cube
 
 
 # ---- remote: lab hosts over real SSH -------------------------------------------------------------
-
-def cube_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "controller.cli", "--debug", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
 
 class EngineOverSSH(rt.ConnTarget):
     """A lab host whose commands talk to the second engine: the lab shares this machine's

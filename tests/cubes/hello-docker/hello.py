@@ -10,6 +10,9 @@ from pathlib import Path
 
 def greet(args) -> None:
     names = [n.strip() for n in Path(args.names).read_text().splitlines() if n.strip()]
+    if not names:
+        print(f"no names in {args.names}", file=sys.stderr)
+        sys.exit(3)
     out = Path(args.out_dir)
     for name in names:
         (out / f"{name}.txt").write_text(f"{os.environ.get('GREETING', 'Hi')}, {name}!\n")
