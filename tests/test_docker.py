@@ -518,3 +518,23 @@ def test_launch_spec_runs_the_job_through_the_agent(docker_engine, hello_cube, h
     assert owners(outputs / "greetings") == {(os.getuid(), os.getgid())}
     log = (Path(layout.job_dir) / "output.log").read_text()
     assert "greeted 3 names" in log and "counted 3 greetings" in log
+
+
+@integration
+def test_a_tasks_own_entrypoint_replaces_the_images(docker_engine, hello_cube, hello_image):
+    """MLCube's per-task `entrypoint`: run instead of ENTRYPOINT, with no task name added."""
+    mlcube = hello_cube / "mlcube.yaml"
+    mlcube.write_text(mlcube.read_text() + (
+        "  recount:\n"
+        "    entrypoint: python3 /app/hello.py count\n"
+        "    parameters:\n"
+        "      inputs: {greetings: {type: directory, default: input/}}\n"
+        "      outputs: {report: {type: file, default: recount/summary.txt}}\n"))
+    cube = load_hello(hello_cube, hello_image)
+    argv = rt.container_argv(cube, "recount", {}, image=hello_image, job_name="j", uid=1, gid=1)
+    assert argv[argv.index("--entrypoint"):] == [
+        "--entrypoint", "python3", hello_image, "/app/hello.py", "count",
+        "--greetings=/mnt/cube/io0", "--report=/mnt/cube/io1/summary.txt"]
+    prepare_outputs(cube, "recount", {})
+    assert rt.run_task_in_docker(cube, "recount", {}, log=lambda _m: None) == 0
+    assert (hello_cube / "workspace" / "recount" / "summary.txt").read_text() == "1 greetings\n"  # names.txt
