@@ -537,4 +537,5 @@ def test_a_tasks_own_entrypoint_replaces_the_images(docker_engine, hello_cube, h
         "--greetings=/mnt/cube/io0", "--report=/mnt/cube/io1/summary.txt"]
     prepare_outputs(cube, "recount", {})
     assert rt.run_task_in_docker(cube, "recount", {}, log=lambda _m: None) == 0
-    assert (hello_cube / "workspace" / "recount" / "summary.txt").read_text() == "1 greetings\n"  # names.txt
+    # The input folder holds one .txt file (names.txt), and that is what `count` counts.
+    assert (hello_cube / "workspace" / "recount" / "summary.txt").read_text() == "1 greetings\n"

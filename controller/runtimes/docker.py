@@ -148,7 +148,9 @@ def ensure_image(ex: Executor, cube, log: Log, *, strategy: str | None = None,
                  context_dir: str | None = None, where: str = "this machine") -> str:
     """Make the cube's image present on the executor's engine by `pull`, `build` or `auto`
     (playbooks/docker.yaml) and return its ID. `context_dir` is the build context on that
-    machine (default: the cube's own, for local runs). `ship` is ship_image's job."""
+    machine (default: the cube's own, for local runs). `ship` is ship_image's job.
+    A present image is never re-pulled (runs stay offline-safe; refresh a moving tag with
+    `docker pull`); `build` rebuilds only when the build context's hash changed."""
     image = image_name(cube)
     strategy = strategy or build_strategy(cube)[0]
     if strategy == "ship":
