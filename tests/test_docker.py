@@ -62,7 +62,8 @@ def test_unknown_build_strategy_names_the_field(hello_cube):
 
 def test_each_folder_is_mounted_once_and_files_mount_their_parent(hello_cube):
     cube = load_hello(hello_cube, "x/y:1")
-    params = apply_param_overrides(cube, "greet", {"out_dir": str(hello_cube / "workspace" / "input")})
+    shared = str(hello_cube / "workspace" / "input")
+    params = apply_param_overrides(cube, "greet", {"out_dir": shared})
     mounts, inside = rt.plan_mounts(params)
     assert [m.host for m in mounts] == [str(hello_cube / "workspace" / "input")]
     assert inside == {"names": "/mnt/cube/io0/names.txt", "out_dir": "/mnt/cube/io0"}
@@ -226,8 +227,8 @@ def test_outputs_of_a_non_root_user_are_not_owned_by_root(docker_engine, hello_c
     out = hello_cube / "workspace" / "greetings"
     out.mkdir()
     out.chmod(0o777)
-    argv = rt.container_argv(cube, "greet", {}, image=hello_image, job_name=rt.job_name(cube, "greet"),
-                             uid=1234, gid=1234)
+    argv = rt.container_argv(cube, "greet", {}, image=hello_image,
+                             job_name=rt.job_name(cube, "greet"), uid=1234, gid=1234)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert owners(out) - {out.stat()[4:6]} == {(1234, 1234)}
@@ -249,7 +250,8 @@ def test_ro_input_is_read_only_inside_the_container(docker_engine, hello_cube, h
 
 
 @integration
-def test_a_missing_mount_folder_is_refused_and_never_created(docker_engine, hello_cube, hello_image):
+def test_a_missing_mount_folder_is_refused_and_never_created(docker_engine, hello_cube,
+                                                             hello_image):
     cube = load_hello(hello_cube, hello_image)
     rt.ensure_image(docker_engine, cube, lambda _m: None)
     missing = hello_cube / "nowhere"
@@ -339,7 +341,8 @@ def test_cube_run_with_the_docker_runtime_runs_a_task_chain(docker_engine, hello
     first = cube_cli(*args)
     assert first.returncode == 0, first.stderr
     assert (hello_cube / "workspace" / "report" / "summary.txt").read_text() == "3 greetings\n"
-    assert "greeted 3 names" in first.stdout and "in container cube-hello-docker-greet-" in first.stderr
+    assert "greeted 3 names" in first.stdout
+    assert "in container cube-hello-docker-greet-" in first.stderr
     second = cube_cli(*args)
     assert second.returncode == 0, second.stderr
     assert "present, skipping build" in second.stderr and "built image" not in second.stderr

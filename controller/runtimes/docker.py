@@ -309,8 +309,9 @@ class Mount:
         """`--mount` value. --mount rather than -v: -v silently creates a missing host folder
         (as root), --mount fails; and its CSV syntax can quote any path (-v breaks on ':')."""
         fields = ["type=bind", f"source={self.host}", f"target={self.target}"]
+        fields += ["readonly"] if self.readonly else []
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="").writerow(fields + (["readonly"] if self.readonly else []))
+        csv.writer(buf, lineterminator="").writerow(fields)
         return buf.getvalue()
 
 
@@ -551,7 +552,8 @@ def remote_launch_spec(conn, cube, per_task: dict[str, dict], path_for, layout, 
         context = str(PurePosixPath(layout.cube_dir) / str(cube.docker.get("build_context") or "."))
         ensure_image(conn, cube, log, strategy=strategy, context_dir=context, where=where)
     uid, gid = _host_ids(conn, probe)
-    gpus = choose_gpus(cube, [g["index"] for g in probe.get("gpus") or [] if g.get("index") is not None])
+    indexes = [g["index"] for g in probe.get("gpus") or [] if g.get("index") is not None]
+    gpus = choose_gpus(cube, indexes)
     name = f"cube-{re.sub(r'[^a-zA-Z0-9_.-]+', '-', job_id)}"
     tasks = []
     for task, overrides in per_task.items():
