@@ -249,6 +249,9 @@ def read_spec(stream):
         raise spec_error("field env must map names to string values.")
     if spec.get("cwd") is not None and not isinstance(spec["cwd"], str):
         raise spec_error("field cwd must be a string (a path).")
+    mkdirs = spec.get("mkdirs") or []
+    if not isinstance(mkdirs, list) or not all(isinstance(d, str) for d in mkdirs):
+        raise spec_error("field mkdirs must be a list of folder paths.")
     spec_tasks(spec)
     return spec
 
@@ -266,6 +269,8 @@ def launch_verb(args):
                          hint="job ids are unique: launch with a new id, or follow the existing "
                               "job with `status %s`" % spec["job_id"])
     save_json_atomic(os.path.join(path, "spec.json"), spec)
+    for folder in spec.get("mkdirs") or []:  # the tasks' output folders, made before they start
+        os.makedirs(os.path.join(path, folder), exist_ok=True)
     open(os.path.join(path, "output.log"), "ab").close()
     save_json_atomic(os.path.join(path, "state.json"), new_state(spec))
     lock_fd = try_lock(os.path.join(path, "supervisor.lock"))  # a fresh folder: always free
@@ -495,12 +500,15 @@ def logs_verb(args):
             raise AgentError("offset %d is outside the job's log (%d bytes so far)."
                              % (args.offset, size), hint="pass an offset from 0 to the log size")
         log.seek(args.offset)
+        deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
         try:
             while True:
                 # Read the state first: once it is final, everything the job wrote is in the file.
                 final = args.follow and load_state(path)["state"] in FINAL_STATES
                 copy_to_end(log, out)
                 if final or not args.follow or reader_gone(out.fileno(), args.poll):
+                    return None
+                if deadline is not None and time.monotonic() > deadline:
                     return None
         except BrokenPipeError:  # the reader went away: nothing left to say
             null_fd = os.open(os.devnull, os.O_WRONLY)
@@ -816,6 +824,9 @@ def add_logs_arguments(parser):
     parser.add_argument("--offset", type=int, default=0, help="first byte to send")
     parser.add_argument("--follow", action="store_true", help="until the job ends")
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between checks")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="with --follow: return after this long even if the job runs on, so "
+                             "the caller can tell a dead link from a quiet job by a read timeout")
 
 
 def add_cancel_arguments(parser):
@@ -942,14 +953,14 @@ def load_cache(cache_file):
         return {}
 
 
-def write_atomic(path, data):
-    """Write bytes under a temporary name in the same directory, fsync, then rename."""
+def write_cache(path, data):
+    """Write the hash cache by temp name + rename. No fsync: the cache is advisory (a lost or
+    unreadable cache only means hashing again), and on ext4 an fsync here would also force out
+    every dirty data block of the sync that just ran."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = "%s.%s%d" % (path, TMP_PREFIX, os.getpid())
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -988,7 +999,7 @@ def scan(top, cache_file=None, builtin_ignores=True):
             if cached:
                 new_cache[rel] = cached
     if cache_file and new_cache != cache:
-        write_atomic(cache_file, json.dumps(new_cache).encode())
+        write_cache(cache_file, json.dumps(new_cache).encode())
     return manifest
 
 
@@ -1003,7 +1014,7 @@ def update_cache(cache_file, top, entries):
         except OSError:
             continue
         cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ino, sha, blocks]
-    write_atomic(cache_file, json.dumps(cache).encode())
+    write_cache(cache_file, json.dumps(cache).encode())
 
 
 # -- planning: what must travel from src to dst (both manifests already filtered) --
@@ -1251,7 +1262,7 @@ def _receive_file(tar, member, dest, rel, progress, finisher):
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         try:
-            sha, blocks = _hash_and_write(tar.extractfile(member), fd, member.size, progress)
+            sha, blocks = _hash_and_write(tar, fd, member.size, progress)
         finally:
             os.close(fd)
         _finish(tmp, dest, rel, member.pax_headers, sha, finisher)
@@ -1277,7 +1288,7 @@ def _receive_patch(tar, member, dest, rel, progress, finisher):
     try:
         try:
             with open(dest, "rb", buffering=0) as old:
-                pieces = _patched_blocks(old, tar.extractfile(member), changed, size, progress)
+                pieces = _patched_blocks(old, tar, changed, size, progress)
                 sha, blocks = _hash_and_write(_Chunks(pieces), fd, size, None)
         finally:
             os.close(fd)
@@ -1356,6 +1367,76 @@ def _check_member(member):
     return op, check_rel(member.name)
 
 
+class TarReader(object):
+    """Reads a sync stream: per member one pax header ('x') then one ustar header, then data.
+    Stricter and far cheaper than tarfile's stream mode (which copies every byte twice more);
+    anything else (global headers, GNU long names, ...) surfaces as a refused member type."""
+
+    MAX_PAX = 64 << 20
+
+    def __init__(self, f):
+        self.f, self.left, self.pad = f, 0, 0
+
+    def _exact(self, n):
+        parts, got = [], 0
+        while got < n:
+            data = self.f.read(n - got)
+            if not data:
+                raise AgentError("The sync stream ended early (connection cut?).",
+                                 "Run the sync again; it resumes where it stopped.")
+            parts.append(data)
+            got += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def next(self):
+        """The next member's TarInfo (name and size from its pax header), None at the end."""
+        while self.left:
+            self.read(min(self.left, IO_CHUNK))
+        if self.pad:
+            self._exact(self.pad)
+        block = self._exact(tarfile.BLOCKSIZE)
+        if block == tarfile.NUL * tarfile.BLOCKSIZE:
+            return None
+        info, pax = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape"), {}
+        if info.type == tarfile.XHDTYPE and 0 <= info.size <= self.MAX_PAX:
+            pax = _parse_pax(self._exact(-(-info.size // 512) * 512)[:info.size])
+            info = tarfile.TarInfo.frombuf(self._exact(tarfile.BLOCKSIZE), "utf-8",
+                                           "surrogateescape")
+        info.pax_headers = pax
+        info.name = pax.get("path", info.name)
+        info.size = int(pax.get("size", info.size))
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.size < 0:
+            info.size = 0   # refused by _check_member; never read as data
+        self.left, self.pad = info.size, -info.size % tarfile.BLOCKSIZE
+        return info
+
+    def read(self, n=-1):
+        """The current member's data, up to n bytes."""
+        n = self.left if n < 0 else min(n, self.left)
+        if n <= 0:
+            return b""
+        data = self.f.read(n)
+        if not data:
+            raise AgentError("The sync stream ended early (connection cut?).",
+                             "Run the sync again; it resumes where it stopped.")
+        self.left -= len(data)
+        return data
+
+
+def _parse_pax(data):
+    """pax records: b"<len> <key>=<value>\n", len counting the whole record."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= space - pos:
+            raise ValueError("bad pax record length")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
 def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=None):
     """Apply a sync stream under top. Returns counts; files verified land by rename."""
     os.makedirs(top, exist_ok=True)
@@ -1364,13 +1445,13 @@ def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=No
     report, verified, finisher = {"files": 0, "bytes": 0, "deleted": 0}, {}, Finisher()
     try:
         try:
-            tar = tarfile.open(fileobj=instream, mode="r|", bufsize=IO_CHUNK)
-            for member in tar:
+            tar = TarReader(instream)
+            for member in iter(tar.next, None):
                 _apply_member(tar, member, top, allow_delete, progress, finisher, report,
                               verified)
         finally:
             finisher.close()   # files verified before a failure still land
-    except (tarfile.TarError, EOFError) as err:
+    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
         raise AgentError("The sync stream is damaged or was cut (%s)." % err,
                          "Run the sync again; files already received are kept.")
     except OSError as err:
