@@ -178,6 +178,7 @@ def test_data_config_without_hash_is_refused(tmp_path):
     ({"epochs": "three"}, "epochs", "must be a whole number, not 'three'"),
     ({"learning_rate": {"initial": 0.01}}, "learning_rate.decay_steps", "is missing"),
     ({"optimzer": "adam"}, "optimzer", "unknown field"),
+    ({"shift_pixels": 9}, "shift_pixels", "must be 0 (off) to 4"),
 ])
 def test_bad_train_config_names_the_file_and_field(tmp_path, change, field, words):
     cfg = {k: v for k, v in {**smoke_config(), **change}.items() if v is not None}

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+# TensorFlow's C++ start-up chatter (CPU features, oneDNN) drowns the task's own log.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from mnist_data import DataError, fetch_dataset, load_dataset
 from mnist_images import IMAGE_SUFFIXES, ImageError, load_digit
 from mnist_train import ConfigError, load_train_config, train

@@ -5,10 +5,14 @@ channels 6x6 stride 2), dense 200 + batch norm + ReLU + dropout 0.5, 10 logits. 
 with the reference's exponential decay, lr(step) = base + initial * decay_rate ** (step /
 decay_steps), decay_rate = 1/e (Fenwicks' exp_decay_lr: base 0.0001, initial 0.01, 2000 steps).
 
+Optional augmentation (`shift_pixels`): each epoch every training image moves by up to that
+many pixels in x and y. Not in the reference: on a 15-epoch CPU budget the plain net plateaus
+near 99.3%, and small shifts are the cheapest regulariser that closes the gap.
+
 Resuming: after every epoch the full model (weights + optimizer state, whose step counter drives
 the learning rate) goes to model_dir/checkpoints/epoch-NNN.keras and the metrics so far to
-checkpoints/state.json, both written atomically. A re-run picks up after the last epoch listed
-there. Each epoch's shuffle is drawn from (seed, epoch), so a resumed run sees the same batches
+checkpoints/state.json, both written atomically (the last two checkpoints are kept). A re-run
+picks up after the last epoch listed there. Each epoch's shuffle is drawn from (seed, epoch), so a resumed run sees the same batches
 as an uninterrupted one.
 """
 
@@ -29,9 +33,11 @@ log = logging.getLogger("mnist")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 KIND_NAMES = {str: "a string", int: "a whole number", float: "a number", dict: "a mapping"}
 REQUIRED = object()
+KEEP_CHECKPOINTS = 2  # the newest resumes; one more in case it is damaged. 3 MB each.
 # field -> (type, default); nested mapping for the learning-rate schedule.
 TRAIN_FIELDS = {"optimizer": (str, REQUIRED), "epochs": (int, REQUIRED),
                 "batch_size": (int, REQUIRED), "seed": (int, 0), "subset": (int, None),
+                "shift_pixels": (int, 0),
                 "learning_rate": (dict, REQUIRED)}
 LR_FIELDS = {"initial": (float, REQUIRED), "base": (float, 0.0), "decay_steps": (int, REQUIRED),
              "decay_rate": (float, 1 / math.e)}
@@ -88,6 +94,9 @@ def _check_values(path: Path, cfg: dict) -> None:
     for name in ("epochs", "batch_size", "subset"):
         if cfg[name] is not None and cfg[name] < 1:
             raise ConfigError(f"{path}: field '{name}' must be at least 1, not {cfg[name]}.")
+    if not 0 <= cfg["shift_pixels"] <= 4:
+        raise ConfigError(f"{path}: field 'shift_pixels' must be 0 (off) to 4, not "
+                          f"{cfg['shift_pixels']}.")
     lr = cfg["learning_rate"]
     if lr["initial"] <= 0 or lr["base"] < 0 or lr["decay_steps"] < 1 or not 0 < lr["decay_rate"] <= 1:
         raise ConfigError(f"{path}: field 'learning_rate' needs initial > 0, base >= 0, "
@@ -185,23 +194,43 @@ def _checkpoint(model, model_dir: Path, cfg: dict, history: list) -> None:
     _save_model(model, _ckpt_dir(model_dir) / name)
     _write_json(_ckpt_dir(model_dir) / "state.json",
                 {"version": 1, "config": cfg, "checkpoint": name, "history": history})
+    for old in sorted(_ckpt_dir(model_dir).glob("epoch-*.keras"))[:-KEEP_CHECKPOINTS]:
+        old.unlink()
 
 
 # ---------------------------------------------------------------------------------- training
 
+def scale(images: np.ndarray) -> np.ndarray:
+    return images.astype("float32")[..., None] / 255.0
+
+
 def prepare(data, subset):
+    """uint8 training images (shifted and scaled per epoch), scaled test images."""
     (x_train, y_train), (x_test, y_test) = data
     if subset:
         x_train, y_train = x_train[:subset], y_train[:subset]
-    scale = lambda x: x.astype("float32")[..., None] / 255.0  # noqa: E731
-    return (scale(x_train), y_train.astype("int64")), (scale(x_test), y_test.astype("int64"))
+    return (x_train, y_train.astype("int64")), (scale(x_test), y_test.astype("int64"))
+
+
+def shift_images(images: np.ndarray, max_shift: int, rng) -> np.ndarray:
+    """Move each image by up to max_shift pixels in x and y (zero fill): random crops of a
+    padded copy, all at once through a strided view."""
+    if max_shift == 0:
+        return images
+    n, size = len(images), images.shape[1]
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(1, 2))
+    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+    return windows[np.arange(n), dy, dx]
 
 
 def run_epoch(model, train_xy, test_xy, cfg, epoch, tensorboard) -> dict:
     x, y = train_xy
-    order = np.random.default_rng([cfg["seed"], epoch]).permutation(len(x))
+    rng = np.random.default_rng([cfg["seed"], epoch])
+    order = rng.permutation(len(x))
+    x_epoch = scale(shift_images(x[order], cfg["shift_pixels"], rng))
     started = time.time()
-    fit = model.fit(x[order], y[order], batch_size=cfg["batch_size"], epochs=epoch + 1,
+    fit = model.fit(x_epoch, y[order], batch_size=cfg["batch_size"], epochs=epoch + 1,
                     initial_epoch=epoch, shuffle=False, callbacks=tensorboard, verbose=2)
     seconds = time.time() - started
     test_loss, test_acc = model.evaluate(*test_xy, batch_size=1000, verbose=0)
@@ -222,6 +251,8 @@ def train(cfg: dict, data, model_dir: Path, log_dir: Path) -> dict:
     if model is None:
         model = build_model(cfg)
     tensorboard = _tensorboard(log_dir)
+    if len(history) >= cfg["epochs"]:
+        log.info("all %d epochs are already trained in %s", len(history), _ckpt_dir(model_dir))
     for epoch in range(len(history), cfg["epochs"]):
         history.append(run_epoch(model, train_xy, test_xy, cfg, epoch, tensorboard))
         _checkpoint(model, model_dir, cfg, history)
