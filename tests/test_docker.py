@@ -542,3 +542,32 @@ def test_a_tasks_own_entrypoint_replaces_the_images(docker_engine, hello_cube, h
     assert rt.run_task_in_docker(cube, "recount", {}, log=lambda _m: None) == 0
     # The input folder holds one .txt file (names.txt), and that is what `count` counts.
     assert (hello_cube / "workspace" / "recount" / "summary.txt").read_text() == "1 greetings\n"
+
+
+@integration
+def test_killed_ssh_sessions_do_not_stop_the_container(docker_engine, lab, lab_home, hello_cube,
+                                                       hello_image):
+    import sys
+
+    follower = subprocess.Popen([sys.executable, "-m", "controller.cli", "remote", "run",
+                                 str(hello_cube), "--host", "lab1", "--task", "idle",
+                                 "--runtime", "docker", "-P", f"docker.image={hello_image}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: running_containers(docker_engine, "cube-hello-docker-"))
+        [name] = running_containers(docker_engine, "cube-hello-docker-")
+        assert lab.kill_ssh_sessions("lab1") > 0
+        job_id = name.removeprefix("cube-")
+        status = cube_cli("remote", "status", job_id, "--json")
+        assert json.loads(status.stdout)["state"] == "running", status.stderr
+        assert rt.container_running(docker_engine, name)
+        assert cube_cli("remote", "cancel", job_id, "--grace", "2").returncode == 0
+        wait_for(lambda: not rt.container_running(docker_engine, name))
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def running_containers(ex, prefix: str) -> list[str]:
+    out = ex.sh(shlex.join(["docker", "ps", "--format", "{{.Names}}"])).stdout.split()
+    return [n for n in out if n.startswith(prefix)]
