@@ -467,6 +467,8 @@ def run_task_in_docker(cube, task: str, overrides: dict[str, str], *, log: Log =
     finally:
         if container_running(ex, name):  # the CLI was killed before its container ended
             stop_container(ex, name, grace)
+        # One that was created but never started (e.g. no GPU driver) is not removed by --rm.
+        ex.sh(shlex.join(["docker", "rm", "-f", name]) + " >/dev/null 2>&1")
 
 
 def local_container_argv(cube, task: str, overrides, ex: Executor, *, name: str,
