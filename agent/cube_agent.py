@@ -964,25 +964,29 @@ def write_cache(path, data):
     os.replace(tmp, path)
 
 
-def _entry(path, st, cache, rel, fresh_before):
+def _entry(path, st, cache, rel, fresh_before, need_hash):
     key = [st.st_size, st.st_mtime_ns, st.st_ino]
-    hit = cache.get(rel)
-    if hit and hit[:3] == key:
-        sha, blocks = hit[3], hit[4]
-    else:
-        sha, blocks = hash_file(path, st.st_size >= BLOCK_THRESHOLD)
     # A file written in the last second could change again within the same mtime tick:
     # hash it again next time rather than trust the cache (git's "racy clean" rule).
     cacheable = st.st_mtime_ns < fresh_before
-    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "mode": stat.S_IMODE(st.st_mode),
-             "sha256": sha}
+    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "mode": stat.S_IMODE(st.st_mode)}
+    hit = cache.get(rel)
+    if hit and hit[:3] == key:
+        sha, blocks = hit[3], hit[4]
+    elif need_hash is None or need_hash(rel, st):
+        sha, blocks = hash_file(path, st.st_size >= BLOCK_THRESHOLD)
+    else:   # the other side lacks it: the sender hashes while streaming (one read, not two)
+        entry.update(sha256=None, key=key if cacheable else None)
+        return entry, None
+    entry["sha256"] = sha
     if blocks is not None:
         entry["blocks"] = blocks
     return entry, (key + [sha, blocks] if cacheable else None)
 
 
-def scan(top, cache_file=None, builtin_ignores=True):
-    """Manifest {files: {rel: entry}, dirs: {rel: mode}, links: {rel: target}} of a tree."""
+def scan(top, cache_file=None, builtin_ignores=True, need_hash=None):
+    """Manifest {files: {rel: entry}, dirs: {rel: mode}, links: {rel: target}} of a tree.
+    need_hash(rel, stat) -> False leaves an uncached file's sha256 None (see write_stream)."""
     manifest = {"files": {}, "dirs": {}, "links": {}, "exists": os.path.isdir(top)}
     if not manifest["exists"]:
         return manifest
@@ -994,13 +998,22 @@ def scan(top, cache_file=None, builtin_ignores=True):
         elif stat.S_ISLNK(st.st_mode):
             manifest["links"][rel] = os.readlink(os.path.join(top, rel))
         elif stat.S_ISREG(st.st_mode):
-            entry, cached = _entry(os.path.join(top, rel), st, cache, rel, fresh_before)
+            entry, cached = _entry(os.path.join(top, rel), st, cache, rel, fresh_before,
+                                   need_hash)
             manifest["files"][rel] = entry
             if cached:
                 new_cache[rel] = cached
     if cache_file and new_cache != cache:
         write_cache(cache_file, json.dumps(new_cache).encode())
     return manifest
+
+
+def record_hashes(cache_file, entries):
+    """Add {rel: [size, mtime_ns, ino, sha256, blocks]} rows to a hash cache."""
+    if cache_file and entries:
+        cache = load_cache(cache_file)
+        cache.update(entries)
+        write_cache(cache_file, json.dumps(cache).encode())
 
 
 def update_cache(cache_file, top, entries):
@@ -1073,13 +1086,13 @@ class TarWriter(object):
     def close(self):
         self.out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
 
-    def ranges(self, f, spans):
+    def ranges(self, f, spans, chunk=IO_CHUNK):
         """Chunks of the file for (offset, length) spans, read into one reused buffer."""
         view = memoryview(self.buf)
         for offset, length in spans:
             f.seek(offset)
             while length > 0:
-                n = f.readinto(view[:min(length, IO_CHUNK)])
+                n = f.readinto(view[:min(length, chunk)])
                 if not n:
                     return
                 yield view[:n]
@@ -1093,11 +1106,34 @@ def _info(rel, op, payload=0, **pax):
     return ti
 
 
+def _hashing(chunks, full, blocks):
+    """Pass chunks (one block each) through, hashing them on the way."""
+    for chunk in chunks:
+        full.update(chunk)
+        if blocks is not None:
+            blocks.append(hashlib.sha256(chunk).hexdigest())
+        yield chunk
+
+
+def _add_hashed_file(tar, f, rel, entry, meta):
+    """Stream a file not hashed yet; its sha256 follows in a `commit` member."""
+    size, full = entry["size"], hashlib.sha256()
+    blocks = [] if size >= BLOCK_THRESHOLD else None
+    del meta["sha256"]
+    chunks = _hashing(tar.ranges(f, [(0, size)], BLOCK_SIZE), full, blocks)
+    tar.addfile(_info(rel, "file", size, **meta), chunks)
+    tar.addfile(_info(rel, "commit", sha256=full.hexdigest()))
+    key = entry.get("key")
+    return {rel: key + [full.hexdigest(), blocks]} if key else {}
+
+
 def _add_file(tar, top, rel, entry, base_blocks):
     path, size = os.path.join(top, rel), entry["size"]
     meta = dict(sha256=entry["sha256"], mode=entry["mode"], mtime_ns=entry["mtime_ns"],
                 size=size)
     with open(path, "rb", buffering=0) as f:
+        if entry["sha256"] is None:
+            return _add_hashed_file(tar, f, rel, entry, meta)
         if base_blocks is not None:
             idx = changed_blocks(entry["blocks"], base_blocks)
             spans = [(i * BLOCK_SIZE, min(BLOCK_SIZE, size - i * BLOCK_SIZE)) for i in idx]
@@ -1106,14 +1142,17 @@ def _add_file(tar, top, rel, entry, base_blocks):
             tar.addfile(ti, tar.ranges(f, spans))
         else:
             tar.addfile(_info(rel, "file", size, **meta), tar.ranges(f, [(0, size)]))
+    return {}
 
 
 def write_stream(top, ops, out, manifest):
-    """Write the sync stream for ops (entries taken from top's manifest) to a binary file."""
-    tar = TarWriter(out)
+    """Write the sync stream for ops (entries taken from top's manifest) to a binary file.
+    Returns hash-cache rows for files hashed while streaming."""
+    tar, hashed = TarWriter(out), {}
     for op in ops:
-        _add_op(tar, top, op, manifest)
+        hashed.update(_add_op(tar, top, op, manifest) or {})
     tar.close()
+    return hashed
 
 
 def _add_op(tar, top, op, manifest):
@@ -1123,7 +1162,7 @@ def _add_op(tar, top, op, manifest):
         if entry is None:
             raise AgentError("'%s' is not a file in %s." % (rel, top),
                              "It was removed or replaced since the sync began; run it again.")
-        _add_file(tar, top, rel, entry, op.get("base_blocks"))
+        return _add_file(tar, top, rel, entry, op.get("base_blocks"))
     elif kind == "link" and rel in manifest["links"]:
         tar.addfile(_info(rel, "link", target=check_link(rel, manifest["links"][rel])))
     elif kind == "dir" and rel in manifest["dirs"]:
@@ -1257,7 +1296,7 @@ class Finisher(object):
             raise self.errors[0]
 
 
-def _receive_file(tar, member, dest, rel, progress, finisher):
+def _receive_file(tar, member, dest, rel, progress, finisher, pending):
     tmp = _tmp_name(dest)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
@@ -1265,7 +1304,10 @@ def _receive_file(tar, member, dest, rel, progress, finisher):
             sha, blocks = _hash_and_write(tar, fd, member.size, progress)
         finally:
             os.close(fd)
-        _finish(tmp, dest, rel, member.pax_headers, sha, finisher)
+        if "CUBE.sha256" in member.pax_headers:
+            _finish(tmp, dest, rel, member.pax_headers, sha, finisher)
+        else:   # hashed by the sender while streaming: the next member carries the sha256
+            pending.append((tmp, dest, rel, member.pax_headers, sha))
     except BaseException:
         _unlink_quiet(tmp)
         raise
@@ -1361,7 +1403,7 @@ def _check_member(member):
                          "which a cube sync never sends." % member.name,
                          "The other side sent a stream cube did not make; do not trust it.")
     op = member.pax_headers.get("CUBE.op")
-    if op not in ("file", "patch", "link", "dir", "delete", "rmdir"):
+    if op not in ("file", "commit", "patch", "link", "dir", "delete", "rmdir"):
         raise AgentError("Refusing tar member '%s': not a cube sync entry." % member.name,
                          "The other side sent a stream cube did not make; do not trust it.")
     return op, check_rel(member.name)
@@ -1443,13 +1485,18 @@ def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=No
     top = os.path.realpath(top)
     clean_stale_tmp(top)
     report, verified, finisher = {"files": 0, "bytes": 0, "deleted": 0}, {}, Finisher()
+    pending = []   # at most one file waiting for its `commit` member
     try:
         try:
             tar = TarReader(instream)
             for member in iter(tar.next, None):
                 _apply_member(tar, member, top, allow_delete, progress, finisher, report,
-                              verified)
+                              verified, pending)
+            if pending:
+                _commit(None, None, pending, finisher)
         finally:
+            for tmp in [p[0] for p in pending]:
+                _unlink_quiet(tmp)
             finisher.close()   # files verified before a failure still land
     except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
         raise AgentError("The sync stream is damaged or was cut (%s)." % err,
@@ -1464,13 +1511,33 @@ def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=No
     return report
 
 
-def _apply_member(tar, member, top, allow_delete, progress, finisher, report, verified):
+def _commit(member, rel, pending, finisher):
+    """A file streamed before its hash lands only when its `commit` member confirms it."""
+    tmp, dest, got_rel, pax, sha = pending.pop()
+    try:
+        if member is None or got_rel != rel:
+            raise AgentError("'%s' arrived without its checksum; it was not installed." % got_rel,
+                             "Run the sync again.")
+        pax = dict(pax, **{"CUBE.sha256": member.pax_headers.get("CUBE.sha256")})
+        _finish(tmp, dest, rel, pax, sha, finisher)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def _apply_member(tar, member, top, allow_delete, progress, finisher, report, verified,
+                  pending):
     op, rel = _check_member(member)
+    if pending or op == "commit":
+        if not pending:
+            raise AgentError("Refusing tar member '%s': a checksum with no file before it." % rel,
+                             "The other side sent a stream cube did not make; do not trust it.")
+        return _commit(member if op == "commit" else None, rel, pending, finisher)
     if op in ("delete", "rmdir") and not allow_delete:
         raise AgentError("Refusing to delete '%s': this sync may not delete files." % rel)
     dest = _safe_parent(top, rel)
     if op == "file":
-        verified[rel] = _receive_file(tar, member, dest, rel, progress, finisher)
+        verified[rel] = _receive_file(tar, member, dest, rel, progress, finisher, pending)
     elif op == "patch":
         verified[rel] = _receive_patch(tar, member, dest, rel, progress, finisher)
     elif op == "link":

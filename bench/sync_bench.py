@@ -87,6 +87,23 @@ class Rsync:
         return self.run(f"{self.dest}:{remote}/", f"{local}/")
 
 
+class NoFsync:
+    """--no-fsync: the host's agent skips fsync before rename (CUBE_SYNC_FSYNC=0), to show
+    what durability costs; rsync -a does not fsync."""
+
+    def __init__(self, conn):
+        self.conn, self.client, self.root = conn, conn.client, conn.root
+
+    def agent_argv(self, *args):
+        return ["env", "CUBE_SYNC_FSYNC=0", *self.conn.agent_argv(*args)]
+
+    def run(self, *args, **kwargs):
+        return self.conn.run(*args, **kwargs)
+
+    def close(self):
+        self.conn.close()
+
+
 def cube_push(conn, ws: Path, remote: str) -> tuple[float, int]:
     from controller import sync
     start = time.monotonic()
@@ -154,17 +171,23 @@ def main() -> None:
     ap.add_argument("--big-size-mib", type=int, default=256)
     ap.add_argument("--big", action="store_true", help="also push+pull a 2.5 GiB file")
     ap.add_argument("--skip-main", action="store_true", help="only the --big test")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="host agent skips fsync before rename (shows what durability costs)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cube-sync-bench-"))
     os.environ["CUBE_HOME"] = str(tmp / "cube-home")
-    from controller import lab, transport
+    from controller import lab, streams, transport
     try:
         host = lab.lab_up(1)[0]
         conn = transport.connect("lab1")
         conn.ensure_agent()
         rsync = Rsync(host, lab.user_key(), tmp / "cube-home" / "known_hosts")
-        print(f"host {host.name} ({host.mode}) {host.address}:{host.port}; "
-              f"cipher {conn.client.get_transport().local_cipher}", flush=True)
+        streams.tune_transport(conn.client.get_transport())
+        print(f"host {host.name} ({host.mode}) {host.address}:{host.port}; cube's cipher "
+              f"{conn.client.get_transport().local_cipher}; fsync before rename: "
+              f"{'off' if args.no_fsync else 'on'}", flush=True)
+        if args.no_fsync:
+            conn = NoFsync(conn)
         if not args.skip_main:
             ws = tmp / "ws"
             build_workspace(ws, args.small, args.big_files, args.big_size_mib * MiB)

@@ -19,7 +19,6 @@ import json
 import shlex
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,17 +42,17 @@ class SyncReport:
 
 
 def push(conn, local_dir, remote_dir: str, *, paths=None, ignore=True, delete=True,
-         progress=None) -> SyncReport:
-    """Make remote_dir (relative to the host's cube root, or absolute) a copy of local_dir."""
+         progress=None, exclude=()) -> SyncReport:
+    """Make remote_dir (relative to the host's cube root, or absolute) a copy of local_dir.
+    `exclude`: relative folders left out on both sides (neither sent nor deleted)."""
     start, local_dir = time.monotonic(), Path(local_dir)
     if not local_dir.is_dir():
         raise CubeError(f"Cannot push '{local_dir}': it is not a directory.",
                         "Pass the cube's directory.")
-    with ThreadPoolExecutor(1) as pool:   # the host scans while we scan
-        remote_job = pool.submit(remote_manifest, conn, remote_dir, not ignore)
-        local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=ignore)
-        remote = remote_job.result()
-    keep = _keeper(local_dir if ignore else None, paths)
+    remote = remote_manifest(conn, remote_dir, not ignore)
+    local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=ignore,
+                       need_hash=_compared(remote))
+    keep = _keeper(local_dir if ignore else None, paths, exclude)
     local, remote = keep(local), keep(remote)
     for rel, target in local["links"].items():
         _agent_call(agent.check_link, rel, target)
@@ -63,7 +62,8 @@ def push(conn, local_dir, remote_dir: str, *, paths=None, ignore=True, delete=Tr
     args = ["receive", remote_dir] + (["--delete"] if delete else [])
     stream = open_stream(conn, conn.agent_argv(*args))
     with _bar(progress, _payload(ops, local), "push") as tick:
-        sent, result = _send_ops(stream, local_dir, ops, local, tick)
+        sent, result, hashed = _send_ops(stream, local_dir, ops, local, tick)
+    agent.record_hashes(local_cache_file(local_dir), hashed)
     return SyncReport(result["files"], sent, result["deleted"], time.monotonic() - start)
 
 
@@ -84,6 +84,16 @@ def pull(conn, remote_dir: str, local_dir, *, paths=None, progress=None) -> Sync
     with _bar(progress, _payload(ops, remote), "pull") as tick:
         result, received = _receive_ops(stream, local_dir, ops, tick)
     return SyncReport(result["files"], received, 0, time.monotonic() - start)
+
+
+def _compared(remote: dict):
+    """Only files the host has in a comparable form need hashing before the stream; new ones
+    are hashed while they stream (one read instead of two)."""
+    def need_hash(rel: str, st) -> bool:
+        theirs = remote["files"].get(rel)
+        return theirs is not None and (theirs["size"] == st.st_size or (
+            "blocks" in theirs and st.st_size >= agent.BLOCK_THRESHOLD))
+    return need_hash
 
 
 def remote_manifest(conn, remote_dir: str, everything: bool) -> dict:
@@ -109,13 +119,18 @@ def local_cache_file(local_dir) -> str:
 
 # -- filters --
 
-def _keeper(ignore_root: Path | None, paths):
-    """A function filtering a manifest by .cubeignore (plus built-ins) and requested paths."""
+def _keeper(ignore_root: Path | None, paths, exclude=()):
+    """A function filtering a manifest by .cubeignore (plus built-ins), requested paths and
+    excluded folders."""
     spec = _ignore_spec(ignore_root) if ignore_root else None
     prefixes = [_agent_call(agent.check_rel, p) for p in paths] if paths else None
+    excluded = [_agent_call(agent.check_rel, p) for p in exclude]
+
+    def under(rel: str, folders) -> bool:
+        return any(rel == p or rel.startswith(p + "/") for p in folders)
 
     def wanted(rel: str, is_dir: bool) -> bool:
-        if prefixes and not any(rel == p or rel.startswith(p + "/") for p in prefixes):
+        if (prefixes and not under(rel, prefixes)) or under(rel, excluded):
             return False
         return not (spec and spec.match_file(rel + "/" if is_dir else rel))
 
@@ -157,17 +172,17 @@ class _Counting:
 
 
 def _send_ops(stream, local_dir, ops, manifest, tick):
-    counter = _Counting(stream, tick)
+    counter, hashed = _Counting(stream, tick), {}
     try:
         try:
-            agent.write_stream(str(local_dir), ops, counter, manifest)
+            hashed = agent.write_stream(str(local_dir), ops, counter, manifest)
             stream.close_stdin()
         except agent.AgentError as err:
             raise CubeError(err.message, err.hint) from None
         except (OSError, EOFError):
             pass   # the host stopped reading: its answer below says why
         out, code = stream.read(), stream.wait()
-        return counter.count, _agent_answer(stream, out, code)
+        return counter.count, _agent_answer(stream, out, code), hashed
     finally:
         stream.close()
 

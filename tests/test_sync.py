@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -263,6 +263,35 @@ def test_a_file_whose_bytes_do_not_match_its_hash_is_not_installed(work, tmp_pat
     assert not list(dst.rglob(".cube-tmp-*"))
 
 
+def test_new_files_are_read_once_on_push_and_their_hashes_cached(work, conn):
+    before = agent.HASH_STATS["files"]
+    sync.push(conn, work, "cubes/c")              # hashed while streaming, not beforehand
+    assert agent.HASH_STATS["files"] == before
+    assert sync.push(conn, work, "cubes/c").files_sent == 0
+    assert agent.HASH_STATS["files"] == before    # ... and the cache learnt them
+
+
+def test_a_file_hashed_while_streaming_lands_only_after_its_commit(work, tmp_path):
+    m = agent.scan(str(work), need_hash=lambda rel, st: False)
+    assert m["files"]["big.bin"]["sha256"] is None
+    ops = [{"op": "file", "path": "big.bin"}]
+    buf = io.BytesIO()
+    agent.write_stream(str(work), ops, buf, m)
+    data, dst = buf.getvalue(), tmp_path / "dst"
+    commit = data.rindex(b"././@PaxHeader")       # the header of the trailing commit member
+    with pytest.raises(agent.AgentError, match="ended early"):
+        agent.apply_stream(str(dst), io.BytesIO(data[:commit]))
+    assert not (dst / "big.bin").exists() and not list(dst.rglob(".cube-tmp-*"))
+    forged = bytearray(data)
+    at = forged.index(b"CUBE.sha256=", commit) + len(b"CUBE.sha256=")
+    forged[at] = ord("0") if forged[at] != ord("0") else ord("1")
+    with pytest.raises(agent.AgentError, match="wrong sha256"):
+        agent.apply_stream(str(dst), io.BytesIO(bytes(forged)))
+    assert not (dst / "big.bin").exists()
+    agent.apply_stream(str(dst), io.BytesIO(data))
+    assert (dst / "big.bin").read_bytes() == (work / "big.bin").read_bytes()
+
+
 # ---- paths that leave the root: refused in both directions ----------------------------------
 
 def evil_tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
@@ -299,6 +328,7 @@ ESCAPES = {
                                 member("sub/out/evil.txt")],
     "not_a_cube_member": [member("plain.txt", op="")],
     "delete_on_pull": [member("mine.txt", op="delete", data=b"")],
+    "commit_without_file": [member("mine.txt", op="commit", data=b"")],
 }
 
 
@@ -419,5 +449,6 @@ def test_transfers_over_2_gib_work_in_both_directions(ssh_conn, tmp_path):
             for chunk in iter(lambda: f.read(64 * MiB), b""):
                 got.update(chunk)
         assert got.hexdigest() == digest.hexdigest()
-    finally:
+    finally:   # 5 GiB of disk: give it back now, not when pytest prunes old temp dirs
         ssh_conn.run(["rm", "-rf", f"{ssh_conn.root}/{target}"], check=False)
+        shutil.rmtree(tmp_path, ignore_errors=True)
