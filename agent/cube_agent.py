@@ -608,7 +608,8 @@ def probe_verb(args):
     result = {"agent_version": AGENT_VERSION, "hostname": socket.gethostname(),
               "os": os_info(), "root": args.root, "boot_id": boot_id(),
               "disk_free_bytes": disk_free(args.root), "load": load_average(),
-              "cpu_count": os.cpu_count(), "mem_total_bytes": mem_total()}
+              "cpu_count": os.cpu_count(), "mem_total_bytes": mem_total(),
+              "uid": os.getuid(), "gid": os.getgid()}
     result["running_jobs"] = [state for state in all_states(args.root)
                               if state["state"] in ACTIVE_STATES]
     result["python"] = finish_python_probes(args.root, pythons)
@@ -860,12 +861,10 @@ JOB_VERBS = {
 import errno
 import hashlib
 import posixpath
-import shutil
 import stat
 import tarfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 BLOCK_SIZE = 1 << 18          # patch granularity for large files (256 KiB)
 BLOCK_THRESHOLD = 4 << 20     # files this big also get per-block digests
@@ -1266,6 +1265,7 @@ class Finisher(object):
     concurrent fsyncs share journal commits (one fsync per small file in a row costs ms each)."""
 
     def __init__(self, workers=16):
+        from concurrent.futures import ThreadPoolExecutor   # only receivers pay for the import
         self.pool = ThreadPoolExecutor(workers)
         self.futures, self.errors, self.landed = [], [], set()
         self.lock = threading.Lock()

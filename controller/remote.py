@@ -68,11 +68,11 @@ class RemoteLayout:
         return posixpath.join(self.job_dir, "workspace")
 
 
-def job_params(cube, task_names: list[str], overrides: dict[str, str]):
-    """Every (task, param) of the job, with parameter overrides applied."""
+def job_params(cube, per_task: dict[str, dict]):
+    """Every (task, param) of the job, with each task's parameter overrides applied."""
     from controller.taskargs import apply_param_overrides
 
-    return [(t, p) for t in task_names for p in apply_param_overrides(cube, t, overrides)]
+    return [(t, p) for t, ov in per_task.items() for p in apply_param_overrides(cube, t, ov)]
 
 
 def produced_paths(params) -> set[str]:
@@ -127,13 +127,14 @@ def output_rels(params) -> list[str]:
 def run(req: RunRequest, log: Log = stderr_log) -> int:
     """`cube remote run`: returns the exit code the CLI should exit with."""
     from controller.cube import choose_runtime, load_cube
-    from controller.taskargs import split_tasks
+    from controller.taskargs import overrides_for, split_tasks
 
     cube = load_cube(req.cube_path, workspace=req.workspace,
                      config_overrides=req.config_overrides)
-    task_names = split_tasks(cube, req.tasks)
+    task_names = split_tasks(req.tasks, cube)
     runtime, why = choose_runtime(cube, req.runtime)
-    params = job_params(cube, task_names, req.overrides)
+    per_task = overrides_for(cube, task_names, req.overrides)
+    params = job_params(cube, per_task)
     inputs = pushed_inputs(params)
     conn = _connect(req.host, req.inventory, req.accept_new_host_key, log)
     try:
@@ -147,8 +148,8 @@ def run(req: RunRequest, log: Log = stderr_log) -> int:
         layout = RemoteLayout(conn.root, cube.name, job.id)
         probe = _timed(log, "probe", lambda: conn.agent("probe"))
         _sync_up(conn, cube, layout, inputs, log)
-        launch_spec = _prepare_runtime(conn, cube, runtime, task_names, params, layout, job,
-                                       probe, req.overrides, log)
+        launch_spec = _prepare_runtime(conn, cube, runtime, per_task, params, layout, job,
+                                       probe, log)
         _launch(conn, job, launch_spec, log)
         if req.detach:
             print(job.id)
@@ -178,13 +179,9 @@ def _timed(log: Log, what: str, fn):
 
 
 def _running_job_named(conn, name: str) -> str | None:
-    try:
-        state = conn.agent("status", "--name", name)
-    except CubeError:
-        return None  # no job of that name yet
-    if state.get("state") in ("pending", "running"):
-        return state["job_id"]
-    return None
+    jobs = conn.agent("list-jobs", "--name", name).get("jobs", [])
+    running = [j for j in jobs if j.get("state") in ("pending", "running")]
+    return running[0]["job_id"] if running else None
 
 
 def _new_job(cube, req: RunRequest, task_names, runtime, params, conn) -> ledger_mod.Job:
@@ -218,10 +215,15 @@ def _sync_up(conn, cube, layout: RemoteLayout, inputs: list[str], log: Log) -> N
     from controller import sync
 
     code = sync.push(conn, cube.root, layout.cube_dir, exclude=_workspace_inside(cube))
-    log(f"sync code: {code}")
+    log(f"sync code: {describe_sync(code)}")
     if inputs:
         data = sync.push(conn, cube.workspace, layout.inputs_dir, paths=inputs, delete=False)
-        log(f"sync inputs: {data}")
+        log(f"sync inputs: {describe_sync(data)}")
+
+
+def describe_sync(report) -> str:
+    return (f"{report.files_sent} files, {report.bytes_sent:,} bytes sent, "
+            f"{report.files_deleted} deleted, {report.seconds:.2f}s")
 
 
 def _workspace_inside(cube) -> list[str]:
@@ -231,22 +233,25 @@ def _workspace_inside(cube) -> list[str]:
         return []
 
 
-def _prepare_runtime(conn, cube, runtime, task_names, params, layout, job, probe, overrides,
+def _prepare_runtime(conn, cube, runtime, per_task, params, layout, job, probe,
                      log: Log) -> dict:
+    from controller.cube import is_python
     from controller.taskargs import task_argv
 
     path_for = remote_path_for(params, layout)
     if runtime == "docker":
         from controller.runtimes import docker
 
-        return docker.remote_launch_spec(conn, cube, task_names, overrides, path_for, layout,
-                                         job.id, probe, log)
-    env_dir = _provision_python(conn, cube, probe, log)
+        return docker.remote_launch_spec(conn, cube, per_task, path_for, layout, job.id,
+                                         probe, log)
+    env_dir, job.env_hash = _provision_python(conn, cube, probe, log)
     python = posixpath.join(env_dir, "bin", "python")
     tasks = []
-    for name in task_names:
+    for name, overrides in per_task.items():
         argv = task_argv(cube, name, overrides, path_for=path_for)
-        tasks.append({"name": name, "argv": [python, *argv[1:]], "cwd": layout.cube_dir})
+        if is_python(argv[0]):
+            argv = [python, *argv[1:]]
+        tasks.append({"name": name, "argv": argv, "cwd": layout.cube_dir})
     return {"tasks": tasks, "mkdirs": _output_dirs(params, path_for)}
 
 
@@ -259,30 +264,32 @@ def _output_dirs(params, path_for) -> list[str]:
     return sorted(dirs)
 
 
-def _provision_python(conn, cube, probe, log: Log) -> str:
+def _provision_python(conn, cube, probe, log: Log) -> tuple[str, str]:
     from controller.provision import run_playbook
     from controller.runtimes.python import find_interpreter
 
-    interpreter = find_interpreter(cube.env.python_version, probe.get("python", []))
-    env_dir = posixpath.join(conn.root, "envs", cube.env.env_hash())
+    found = probe.get("python", [])
+    interpreter = find_interpreter(cube.env.python_version, found)
+    version = next(i["version"] for i in found if i["path"] == interpreter)
+    env_hash = cube.env.env_hash(".".join(str(version).split(".")[:2]))
+    env_dir = posixpath.join(conn.root, "envs", env_hash)
     variables = {
-        "python": interpreter, "env_dir": env_dir, "env_hash": cube.env.env_hash(),
+        "python": interpreter, "env_dir": env_dir, "env_hash": env_hash,
         "requirements": list(cube.env.requirements), "pip_log": env_dir + ".pip.log",
     }
     start = time.monotonic()
     for playbook in ["python", *[str(cube.root / p) for p in cube.env.playbooks]]:
         run_playbook(playbook, variables, conn, log=log)
-    log(f"provision python env {cube.env.env_hash()}: {time.monotonic() - start:.2f}s")
-    return env_dir
+    log(f"provision python env {env_hash}: {time.monotonic() - start:.2f}s")
+    return env_dir, env_hash
 
 
 def _launch(conn, job: ledger_mod.Job, spec: dict, log: Log) -> None:
     import json
 
-    if spec.get("mkdirs"):
-        conn.run(["mkdir", "-p", *spec["mkdirs"]])
     payload = {"job_id": job.id, "name": job.name, "tasks": spec["tasks"],
-               "env": spec.get("env", {}), "docker_container": spec.get("docker_container")}
+               "env": spec.get("env", {}), "mkdirs": spec.get("mkdirs", []),
+               "docker_container": spec.get("docker_container")}
     state = conn.agent("launch", input=json.dumps(payload).encode())
     job.state = state.get("state", "running")
     job.started_at = time.time()
@@ -322,7 +329,7 @@ def _follow(conn, job: ledger_mod.Job, log: Log) -> dict:
                 _reconnect(conn, log)
                 continue
             final = state.get("state") in ledger_mod.FINAL_STATES
-            if final and out.tell() >= state.get("log_size", 0):
+            if final and out.tell() >= state.get("log_bytes", 0):
                 return state
 
 
@@ -345,9 +352,12 @@ def _stream_log_once(conn, job_id: str, out, follow: bool = True) -> None:
             out.flush()
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
-        if not channel.exit_status_ready():
+        # The exit status may trail the end of the output by a moment.
+        if not channel.status_event.wait(READ_TIMEOUT_S):
             raise socket.timeout("log stream ended without an exit status")
         code = channel.recv_exit_status()
+        if code < 0:  # paramiko's "closed without an exit status": the session was killed
+            raise ConnectionError("log stream closed without an exit status")
         if code != 0:
             err = channel.makefile_stderr("rb").read().decode(errors="replace")[-2000:]
             raise CubeError(f"Reading the log of job {job_id} failed (exit {code}): {err}")
@@ -391,7 +401,7 @@ def pull_outputs(conn, job: ledger_mod.Job, log: Log) -> None:
 
     outputs_dir = RemoteLayout(job.remote_dir, job.cube, job.id).outputs_dir
     report = sync.pull(conn, outputs_dir, Path(job.workspace), paths=job.outputs)
-    log(f"pulled outputs into {job.workspace}: {report}")
+    log(f"pulled outputs into {job.workspace}: {describe_sync(report)}")
     job.outputs_pulled = True
     ledger_mod.Ledger().save(job)
 
@@ -505,7 +515,9 @@ def shell_argv(ref: str) -> list[str]:
             "-o", "StrictHostKeyChecking=yes"]
     for identity in spec.identity_files or []:
         argv += ["-i", str(identity)]
-    if spec.proxy_jump:
-        argv += ["-J", spec.proxy_jump]
+    if spec.proxy_jump:  # the jump may be an inventory name, which OpenSSH does not know
+        jumps = [resolve_host(j.strip(), spec.inventory) for j in spec.proxy_jump.split(",")]
+        argv += ["-J", ",".join(f"{j.user}@{j.hostname}:{j.port}" if j.user
+                                else f"{j.hostname}:{j.port}" for j in jumps)]
     target = f"{spec.user}@{spec.hostname}" if spec.user else spec.hostname
     return [*argv, target, remote_cmd]

@@ -109,7 +109,7 @@ def test_warm_second_run_skips_provisioning_and_sends_no_code(lab_home, hello):
     second = cube("remote", "run", str(hello), "--host", "lab1", "--task", "greet")
     assert second.returncode == 0, second.stderr
     assert "sync code: 0 files" in second.stderr, second.stderr
-    assert "reusing" in second.stderr or "skipped" in second.stderr, second.stderr
+    assert "python: already provisioned" in second.stderr, second.stderr
 
 
 def test_failed_task_returns_its_exit_code_and_its_logs_come_back(lab_home, faulty):
