@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads, for a clean table
 REPO = Path(__file__).resolve().parent.parent
 CUBE = REPO / "cubes" / "mnist"
 REFERENCE_ACCURACY = 0.994       # the reference ConvNet's published figure
