@@ -1619,6 +1619,110 @@ def register_sync_verbs(verbs):
 
 # ---- command line -----------------------------------------------------------------------------
 
+# ---- session: many requests over one SSH channel ---------------------------------------------
+# Every SSH command costs a login shell and a Python start on the host (0.5 s on a host whose
+# shell rc files do real work); a run needs a dozen small requests, so they share one process.
+# Protocol: JSON lines. The agent greets with {"ready": true, ...}; each request
+# {"verb", "args": [..], "input": str|null} gets one answer line {"ok": true, "result": {..}}
+# or {"ok": false, "error", "hint"}. Bulk byte streams (sync) keep their own channels.
+
+SESSION_UNSAFE = ("serve", "logs", "send", "receive", "supervise")
+
+
+def serve_verb(args):
+    parser = build_parser()
+    reply({"ready": True, "agent_version": AGENT_VERSION, "python": sys.executable,
+           "path": os.path.abspath(__file__), "root": args.root})
+    for line in sys.stdin:
+        if line.strip():
+            reply(serve_one(parser, args.root, json.loads(line)))
+    return None
+
+
+def serve_one(parser, root, request):
+    verb = request.get("verb")
+    if verb not in VERBS or verb in SESSION_UNSAFE:
+        return {"ok": False, "error": "verb %r cannot run in a session." % (verb,), "hint": None}
+    saved = sys.stdin
+    sys.stdin = io.StringIO(request.get("input") or "")
+    try:
+        result = call_verb(parser.parse_args(["--root", root, verb] + list(request.get("args", []))))
+    except SystemExit:  # argparse refused the arguments
+        return {"ok": False, "error": "bad arguments for %s: %r" % (verb, request.get("args")),
+                "hint": None}
+    except Exception as err:  # one bad request must not end the session
+        return {"ok": False, "error": "%s failed: %s: %s" % (verb, type(err).__name__, err),
+                "hint": traceback.format_exc(limit=3)}
+    finally:
+        sys.stdin = saved
+    if isinstance(result, dict) and "error" in result and "state" not in result:
+        return {"ok": False, "error": result["error"], "hint": result.get("hint")}
+    return {"ok": True, "result": result}
+
+
+def reply(message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def sh_verb(args):
+    """A shell command (a playbook check or step) run from the session's process."""
+    shell = shutil.which("bash") or "/bin/sh"
+    # bash re-reads ~/.bashrc when it thinks sshd started it (SSH_CLIENT is set); the session
+    # already carries the login environment, so spare every command that cost.
+    env = dict((k, v) for k, v in os.environ.items() if k not in ("SSH_CLIENT", "SSH2_CLIENT"))
+    try:
+        proc = subprocess.run([shell, "-c", args.command], stdin=subprocess.DEVNULL, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired as err:
+        return {"code": 124, "stdout": decode(err.stdout),
+                "stderr": decode(err.stderr) + "\ntimed out after %s s" % args.timeout}
+    return {"code": proc.returncode, "stdout": decode(proc.stdout), "stderr": decode(proc.stderr)}
+
+
+def decode(data):
+    return (data or b"").decode("utf-8", "replace")
+
+
+def read_log_verb(args):
+    """Long poll: the job's log from OFFSET, as soon as there is some, the job ends, or WAIT
+    seconds pass. The answer says the next offset and whether the job is final and drained."""
+    path = existing_job_dir(args.root, args.job)
+    deadline = time.monotonic() + args.wait
+    while True:
+        state = load_state(path)  # first: once final, the file holds everything
+        with open(os.path.join(path, "output.log"), "rb") as log:
+            log.seek(args.offset)
+            data = log.read(args.max_bytes)
+        end = args.offset + len(data)
+        drained = end >= state.get("log_bytes", 0)
+        final = state["state"] in FINAL_STATES
+        if data or final or time.monotonic() >= deadline:
+            return {"data": base64.b64encode(data).decode("ascii"), "offset": end,
+                    "done": final and drained, "state": state}
+        time.sleep(0.1)
+
+
+def add_sh_arguments(parser):
+    parser.add_argument("command")
+    parser.add_argument("--timeout", type=float, default=None)
+
+
+def add_read_log_arguments(parser):
+    add_job_argument(parser)
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--wait", type=float, default=5.0)
+    parser.add_argument("--max-bytes", type=int, default=1 << 20)
+
+
+SESSION_VERBS = {
+    "serve": (add_no_arguments, serve_verb),
+    "sh": (add_sh_arguments, sh_verb),
+    "read-log": (add_read_log_arguments, read_log_verb),
+}
+
+
 VERBS = {}  # verb name -> (add_arguments(parser), handler(args) -> dict | None)
 VERBS.update(JOB_VERBS)
 register_sync_verbs(VERBS)  # sync section

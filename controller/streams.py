@@ -80,8 +80,9 @@ class ChannelStream:
 
     def write(self, data) -> int:
         # Channel.sendall re-slices the remaining bytes after every packet (quadratic for
-        # large buffers): hand it one packet's worth at a time instead.
-        view, piece = memoryview(data), max(self.channel.out_max_packet_size, 1 << 15)
+        # large buffers): hand it one packet's worth at a time instead. A packet carries at
+        # most max_packet - 64 bytes of data; a piece one byte more costs a second packet.
+        view, piece = memoryview(data), max(self.channel.out_max_packet_size - 64, 1 << 14)
         for start in range(0, len(view), piece):
             self.channel.sendall(bytes(view[start:start + piece]))
         return len(view)

@@ -19,6 +19,7 @@ import json
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,11 @@ def push(conn, local_dir, remote_dir: str, *, paths=None, ignore=True, delete=Tr
     if not local_dir.is_dir():
         raise CubeError(f"Cannot push '{local_dir}': it is not a directory.",
                         "Pass the cube's directory.")
-    remote = remote_manifest(conn, remote_dir, not ignore)
-    local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=ignore,
-                       need_hash=_compared(remote))
+    with ThreadPoolExecutor(1) as pool:   # the host scans while we scan
+        remote_job = pool.submit(remote_manifest, conn, remote_dir, not ignore)
+        local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=ignore,
+                           need_hash=_compared(remote_job))
+        remote = remote_job.result()
     keep = _keeper(local_dir if ignore else None, paths, exclude)
     local, remote = keep(local), keep(remote)
     for rel, target in local["links"].items():
@@ -86,18 +89,24 @@ def pull(conn, remote_dir: str, local_dir, *, paths=None, progress=None) -> Sync
     return SyncReport(result["files"], received, 0, time.monotonic() - start)
 
 
-def _compared(remote: dict):
+def _compared(remote_job):
     """Only files the host has in a comparable form need hashing before the stream; new ones
-    are hashed while they stream (one read instead of two)."""
+    are hashed while they stream (one read instead of two). Until the host's manifest arrives,
+    hash eagerly rather than wait for it."""
     def need_hash(rel: str, st) -> bool:
-        theirs = remote["files"].get(rel)
+        if not remote_job.done():
+            return True
+        theirs = remote_job.result()["files"].get(rel)
         return theirs is not None and (theirs["size"] == st.st_size or (
             "blocks" in theirs and st.st_size >= agent.BLOCK_THRESHOLD))
     return need_hash
 
 
 def remote_manifest(conn, remote_dir: str, everything: bool) -> dict:
-    argv = conn.agent_argv("manifest", remote_dir, *(["--all"] if everything else []))
+    args = [remote_dir, *(["--all"] if everything else [])]
+    if hasattr(conn, "agent_session"):  # a live agent session answers without a new command
+        return conn.agent("manifest", *args)
+    argv = conn.agent_argv("manifest", *args)
     stream = open_stream(conn, argv)
     try:
         stream.close_stdin()
