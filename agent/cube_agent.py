@@ -8,6 +8,8 @@ of sync, so both directions share one implementation.
 """
 
 import argparse
+import base64
+import io
 import json
 import os
 import sys
@@ -1617,8 +1619,6 @@ def register_sync_verbs(verbs):
     verbs["send"] = (_dir_argument, verb_send)
 
 
-# ---- command line -----------------------------------------------------------------------------
-
 # ---- session: many requests over one SSH channel ---------------------------------------------
 # Every SSH command costs a login shell and a Python start on the host (0.5 s on a host whose
 # shell rc files do real work); a run needs a dozen small requests, so they share one process.
@@ -1723,31 +1723,41 @@ SESSION_VERBS = {
 }
 
 
+# ---- command line -----------------------------------------------------------------------------
+
 VERBS = {}  # verb name -> (add_arguments(parser), handler(args) -> dict | None)
 VERBS.update(JOB_VERBS)
 register_sync_verbs(VERBS)  # sync section
+VERBS.update(SESSION_VERBS)
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(prog="cube_agent")
     parser.add_argument("--root", required=True, help="cube root on this host")
     sub = parser.add_subparsers(dest="verb", required=True)
     for name, (add_arguments, _) in sorted(VERBS.items()):
         add_arguments(sub.add_parser(name))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def call_verb(args):
+    """Run one verb; its answer, or an error answer, as a dict (None for streaming verbs)."""
     args.root = os.path.abspath(os.path.expanduser(args.root))
     try:
-        result = VERBS[args.verb][1](args)
+        return VERBS[args.verb][1](args)
     except AgentError as err:
-        print(json.dumps({"error": err.message, "hint": err.hint}))
-        return 1
+        return {"error": err.message, "hint": err.hint}
     except OSError as err:  # the controller expects JSON, not a traceback
-        print(json.dumps({"error": "%s failed: %s" % (args.verb, err),
-                          "hint": "check that %s is writable and its disk not full" % args.root}))
-        return 1
+        return {"error": "%s failed: %s" % (args.verb, err),
+                "hint": "check that %s is writable and its disk not full" % args.root}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    result = call_verb(args)
     if result is not None:
         print(json.dumps(result))
-    return 0
+    return 1 if isinstance(result, dict) and "error" in result and "state" not in result else 0
 
 
 if __name__ == "__main__":

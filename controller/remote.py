@@ -9,6 +9,7 @@ On the host (ROOT = the host's cube root):
 
 from __future__ import annotations
 
+import base64
 import os
 import posixpath
 import sys
@@ -165,10 +166,7 @@ def _connect(host: str, inventory, accept_new: bool, log: Log):
     from controller.transport import connect
 
     spec = resolve_host(host, inventory)
-    conn = _timed(log, f"connect {host}",
-                  lambda: connect(spec, accept_new_host_key=accept_new))
-    conn.ensure_agent()
-    return conn
+    return _timed(log, f"connect {host}", lambda: connect(spec, accept_new_host_key=accept_new))
 
 
 def _timed(log: Log, what: str, fn):
@@ -322,47 +320,25 @@ def _follow(conn, job: ledger_mod.Job, log: Log) -> dict:
     with open(path, "ab") as out:
         while True:
             try:
-                _stream_log_once(conn, job.id, out)
-                state = conn.agent("status", job.id)
+                answer = _read_log(conn, job.id, out.tell())
             except _connection_errors() as err:
                 log(f"connection to {job.host} lost ({type(err).__name__}: {err}); reconnecting")
                 _reconnect(conn, log)
                 continue
-            final = state.get("state") in ledger_mod.FINAL_STATES
-            if final and out.tell() >= state.get("log_bytes", 0):
-                return state
-
-
-def _stream_log_once(conn, job_id: str, out, follow: bool = True) -> None:
-    import shlex
-    import socket
-
-    argv = conn.agent_argv("logs", job_id, "--offset", str(out.tell()))
-    if follow:
-        argv += ["--follow", "--max-seconds", str(FOLLOW_WINDOW_S)]
-    channel = conn.client.get_transport().open_session()
-    channel.settimeout(READ_TIMEOUT_S)
-    channel.exec_command(shlex.join(argv))
-    try:
-        while True:
-            chunk = channel.recv(1 << 16)
-            if not chunk:
-                break
+            chunk = base64.b64decode(answer["data"])
             out.write(chunk)
             out.flush()
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
-        # The exit status may trail the end of the output by a moment.
-        if not channel.status_event.wait(READ_TIMEOUT_S):
-            raise socket.timeout("log stream ended without an exit status")
-        code = channel.recv_exit_status()
-        if code < 0:  # paramiko's "closed without an exit status": the session was killed
-            raise ConnectionError("log stream closed without an exit status")
-        if code != 0:
-            err = channel.makefile_stderr("rb").read().decode(errors="replace")[-2000:]
-            raise CubeError(f"Reading the log of job {job_id} failed (exit {code}): {err}")
-    finally:
-        channel.close()
+            if answer["done"]:
+                return answer["state"]
+
+
+def _read_log(conn, job_id: str, offset: int) -> dict:
+    """One long poll: returns as soon as the log grows or the job ends. Its timeout is how a
+    dead link (silent for minutes at the TCP level) is told from a quiet task."""
+    return conn.agent("read-log", job_id, "--offset", str(offset), "--wait",
+                      str(FOLLOW_WINDOW_S), timeout=READ_TIMEOUT_S)
 
 
 def _connection_errors() -> tuple:
@@ -370,7 +346,10 @@ def _connection_errors() -> tuple:
 
     import paramiko
 
-    return (socket.error, socket.timeout, EOFError, paramiko.SSHException, ConnectionError)
+    from controller.transport import ConnectionLost
+
+    return (socket.error, socket.timeout, EOFError, paramiko.SSHException, ConnectionError,
+            ConnectionLost)
 
 
 def _reconnect(conn, log: Log) -> None:
@@ -489,9 +468,7 @@ def logs(ref: str, follow: bool, log: Log = stderr_log) -> None:
         if follow:
             _follow(conn, job, log)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "ab") as out:
-                _stream_log_once(conn, job.id, out, follow=False)
+            _copy_new_log(conn, job, path)
     finally:
         conn.close()
 
@@ -521,3 +498,17 @@ def shell_argv(ref: str) -> list[str]:
                                 else f"{j.hostname}:{j.port}" for j in jumps)]
     target = f"{spec.user}@{spec.hostname}" if spec.user else spec.hostname
     return [*argv, target, remote_cmd]
+
+
+def _copy_new_log(conn, job: ledger_mod.Job, path: Path) -> None:
+    """What the host's log has beyond the local copy, appended there and printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as out:
+        while True:
+            answer = conn.agent("read-log", job.id, "--offset", str(out.tell()), "--wait", "0")
+            chunk = base64.b64decode(answer["data"])
+            if not chunk:
+                return
+            out.write(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()

@@ -28,6 +28,7 @@ import paramiko
 import tenacity
 
 from controller import paths
+from controller.agent_session import AgentMissing, AgentSession, SessionLost
 from controller.errors import CubeError, HostUnreachable
 from controller.hosts import HostSpec, atomic_write, file_lock, resolve_host
 from controller.provision import ExecResult  # one result type for every executor
@@ -238,6 +239,7 @@ class HostConnection:
         self._sftp: paramiko.SFTPClient | None = None
         self._root: str | None = None
         self._agent_path: str | None = None
+        self._session_: AgentSession | None = None
 
     def __enter__(self):
         return self
@@ -264,13 +266,13 @@ class HostConnection:
             raise
 
     def close(self) -> None:
-        for thing in (self._sftp, self.client, self._jump):
+        for thing in (self._session_, self._sftp, self.client, self._jump):
             if thing is not None:
                 try:
                     thing.close()
                 except Exception:  # closing a dead connection may raise; it is gone either way
                     pass
-        self._sftp = self.client = self._jump = None
+        self._session_ = self._sftp = self.client = self._jump = None
 
     def is_alive(self, probe_timeout: float | None = None) -> bool:
         """Transport still up; with `probe_timeout`, also a round trip (`true`) within it."""
@@ -314,13 +316,12 @@ class HostConnection:
         return result
 
     def sh(self, command: str, *, timeout: float | None = None) -> ExecResult:
-        """Executor protocol (docs/INTERNALS.md): run a shell command line with bash -c.
-        Like LocalExecutor, a timeout is exit code 124 with a note on stderr, not an exception."""
-        try:
-            return self._exec(shlex.join(["bash", "-c", command]), None, timeout)
-        except _TimedOut as err:
-            p = err.partial
-            return ExecResult(124, p.stdout, p.stderr + f"\ntimed out after {timeout} s")
+        """Executor protocol (docs/INTERNALS.md): run a shell command line with bash -c, through
+        the agent session (no login shell per command). Like LocalExecutor, a timeout is exit
+        code 124 with a note on stderr, not an exception."""
+        args = [command] + (["--timeout", str(timeout)] if timeout else [])
+        answer = self.agent("sh", *args, timeout=timeout + 30 if timeout else None)
+        return ExecResult(answer["code"], answer["stdout"], answer["stderr"])
 
     def _exec(self, command: str, input: bytes | None, timeout: float | None) -> ExecResult:
         chan = self._session(timeout)
@@ -379,8 +380,7 @@ class HostConnection:
 
     def ensure_agent(self) -> str:
         """Upload agent/cube_agent.py to ROOT/agent/<sha256[:16]>/ unless it is already there."""
-        source = paths.agent_source().read_bytes()
-        digest = hashlib.sha256(source).hexdigest()[:16]
+        source, digest = _agent_source()
         folder = f"{self.root}/agent/{digest}"
         path = f"{folder}/cube_agent.py"
         # One round trip: exists -> 0; else create the folder and answer 1.
@@ -401,24 +401,43 @@ class HostConnection:
 
     def agent_argv(self, verb: str, *args: str) -> list[str]:
         if self._agent_path is None:
-            self.ensure_agent()
+            self.agent_session()
         return ["python3", self._agent_path, "--root", self.root, verb, *map(str, args)]
+
+    def agent_session(self) -> AgentSession:
+        """The connection's agent process; started (and the agent uploaded) on first use."""
+        if self._session_ is not None and self._session_.alive:
+            return self._session_
+        transport = self.client.get_transport() if self.client else None
+        if transport is None or not transport.is_active():
+            raise ConnectionLost(f"The connection to host '{self.spec.name}' is closed.",
+                                 "Reconnect and retry.")
+        digest = _agent_source()[1]
+        try:
+            session = AgentSession.start(transport, self.spec.name, self.spec.root, digest,
+                                         self._timeout)
+        except AgentMissing:
+            self.ensure_agent()
+            session = AgentSession.start(transport, self.spec.name, self.spec.root, digest,
+                                         self._timeout)
+        self._root, self._agent_path = session.greeting["root"], session.greeting["path"]
+        self._session_ = session
+        return session
 
     def agent(self, verb: str, *args: str, input: bytes | None = None,
               timeout: float | None = None) -> dict:
-        """Run an agent verb and return its JSON answer; an agent error becomes a CubeError."""
-        result = self.run(self.agent_argv(verb, *args), input=input, timeout=timeout, check=False)
+        """Run an agent verb in the session and return its answer; an agent error becomes a
+        CubeError, a dead channel ConnectionLost."""
         try:
-            answer = json.loads(result.stdout)
-        except ValueError:
-            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-            raise CubeError(f"The cube agent on host '{self.spec.name}' gave no JSON answer to "
-                            f"'{verb}' (exit code {result.code}): {tail or result.stdout[:200]}",
-                            "Check that python3 >= 3.8 is installed on the host.") from None
-        # Agent errors exit 1; a job state may carry an "error" field of its own.
-        if result.code != 0 and isinstance(answer, dict) and answer.get("error"):
-            raise CubeError(f"host '{self.spec.name}': {answer['error']}", answer.get("hint"))
-        return answer
+            return self.agent_session().request(verb, list(args), input, timeout)
+        except SessionLost as err:
+            raise ConnectionLost(f"Lost the connection to host '{self.spec.name}' during "
+                                 f"'{verb}' ({err}).", "Reconnect and retry.") from None
+
+
+def _agent_source() -> tuple[bytes, str]:
+    source = paths.agent_source().read_bytes()
+    return source, hashlib.sha256(source).hexdigest()[:16]
 
 
 def _drain(recv, into: bytearray) -> None:

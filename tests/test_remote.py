@@ -236,8 +236,10 @@ def test_full_disk_during_sync_is_a_clear_error_and_keeps_the_old_files(lab, lab
     require(os.geteuid() == 0, "mounting a small tmpfs needs root")
     small_root = tmp_path / "small-root"
     small_root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(small_root)],
-                   check=True)
+    # Mount where the host's sshd sees it: a lab host in a network namespace has its own mounts.
+    in_host = ["nsenter", f"--mount=/proc/{lab.host('lab1').pid}/ns/mnt", "--"]
+    subprocess.run([*in_host, "mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs",
+                    str(small_root)], check=True)
     try:
         inventory = yaml.safe_load(lab.inventory.read_text())
         entry = dict(inventory["hosts"]["lab1"], root=str(small_root))
@@ -247,12 +249,14 @@ def test_full_disk_during_sync_is_a_clear_error_and_keeps_the_old_files(lab, lab
                 "--inventory", str(small_inv))
         assert cube(*args).returncode == 7  # fits: the job runs and fails as designed
         settings = small_root / "cubes" / "faulty" / "workspace" / "settings.yaml"
-        before = settings.read_bytes()
+        read_settings = [*in_host, "cat", str(settings)]
+        before = subprocess.run(read_settings, capture_output=True, check=True).stdout
+        assert b"lines: 40" in before
         with open(faulty / "workspace" / "settings.yaml", "ab") as f:
             f.write(b"# " + os.urandom(32 * 1024 * 1024).hex().encode() + b"\n")
         result = cube(*args)
         assert result.returncode == 2, result.stderr
         assert "space" in result.stderr.lower(), result.stderr
-        assert settings.read_bytes() == before
+        assert subprocess.run(read_settings, capture_output=True, check=True).stdout == before
     finally:
-        subprocess.run(["umount", "-l", str(small_root)], check=False)
+        subprocess.run([*in_host, "umount", "-l", str(small_root)], check=False)

@@ -284,15 +284,22 @@ def test_agent_uploaded_once_by_hash(lab_home, tmp_path, monkeypatch):
 
 def test_agent_errors_become_cube_errors(lab_home, tmp_path, monkeypatch):
     fake = tmp_path / "cube_agent.py"
-    fake.write_text("import json, sys\n"
-                    "if sys.argv[3] == 'ok': print(json.dumps({'argv': sys.argv[1:]}))\n"
-                    "elif sys.argv[3] == 'bad': print('not json'); sys.exit(1)\n"
-                    "else: print(json.dumps({'error': 'boom happened', 'hint': 'do x'})); sys.exit(1)\n")
+    fake.write_text(
+        "import json, sys\n"
+        "root = sys.argv[2]\n"
+        "print(json.dumps({'ready': True, 'root': root, 'path': __file__}), flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    req = json.loads(line)\n"
+        "    if req['verb'] == 'ok': out = {'ok': True, 'result': {'args': req['args'], 'input': req['input']}}\n"
+        "    elif req['verb'] == 'bad': print('not json', flush=True); continue\n"
+        "    else: out = {'ok': False, 'error': 'boom happened', 'hint': 'do x'}\n"
+        "    print(json.dumps(out), flush=True)\n")
     monkeypatch.setattr(paths, "agent_source", lambda: fake)
     spec = resolve_host("lab1")
     spec.root = f"{spec.root}/t-{uuid.uuid4().hex[:8]}"
     with connect(spec) as conn:
-        assert conn.agent("ok", "a b", input=b"{}") == {"argv": ["--root", spec.root, "ok", "a b"]}
+        assert conn.agent("ok", "a b", input=b"{}") == {"args": ["a b"], "input": "{}"}
+        assert conn.root == spec.root
         with pytest.raises(CubeError) as err:
             conn.agent("fail")
         assert "boom happened" in str(err.value) and err.value.hint == "do x"
