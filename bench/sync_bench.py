@@ -72,19 +72,20 @@ class Rsync:
                                f"UserKnownHostsFile={known_hosts}", "-o",
                                "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
 
-    def run(self, src: str, dst: str) -> tuple[float, int]:
+    def run(self, src: str, dst: str, counter: str) -> tuple[float, int]:
         start = time.monotonic()
         out = subprocess.run(["rsync", "-a", "--stats", "-e", self.ssh, src, dst],
                              check=True, capture_output=True, text=True).stdout
         seconds = time.monotonic() - start
-        sent = re.search(r"Total bytes sent: ([\d,.]+)", out).group(1)
-        return seconds, int(re.sub(r"[,.]", "", sent))
+        moved = re.search(rf"Total bytes {counter}: ([\d,.]+)", out).group(1)
+        return seconds, int(re.sub(r"[,.]", "", moved))
 
     def push(self, local: Path, remote: str) -> tuple[float, int]:
-        return self.run(f"{local}/", f"{self.dest}:{remote}/")
+        return self.run(f"{local}/", f"{self.dest}:{remote}/", "sent")
 
     def pull(self, remote: str, local: Path) -> tuple[float, int]:
-        return self.run(f"{self.dest}:{remote}/", f"{local}/")
+        """Bytes that came down the wire: rsync's "Total bytes received" on our side."""
+        return self.run(f"{self.dest}:{remote}/", f"{local}/", "received")
 
 
 class NoFsync:
