@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controller.cube import (apply_config_overrides, choose_runtime, line_of, load_cube,
-                             yaml_line_map)
+from controller.cube import apply_config_overrides, load_cube
+from controller.environment import choose_runtime
 from controller.errors import ConfigError, CubeError
+from controller.yamlsource import line_of, yaml_line_map
 from tests.conftest import REPO
 
 HELLO = REPO / "cubes" / "hello"
