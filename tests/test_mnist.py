@@ -168,6 +168,17 @@ def test_corrupt_archive_is_a_clear_error(tmp_path, name, content, expected):
     assert list((tmp_path / "data").iterdir()) == []
 
 
+def test_a_damaged_dataset_already_in_place_is_reported_not_reused(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist.npz").write_bytes(b"half a file")
+    config = write_yaml(tmp_path / "data.yaml", {"sources": [hub_source()]})
+    proc = run_task("download", data_config=config, data_dir=tmp_path / "data",
+                    log_dir=tmp_path / "logs")
+    assert proc.returncode == 2
+    assert "is not a valid MNIST npz archive" in proc.stdout
+    assert f"Delete {tmp_path / 'data' / 'mnist.npz'} to download it again" in proc.stdout
+
+
 def test_data_config_without_hash_is_refused(tmp_path):
     config = write_yaml(tmp_path / "data.yaml", {"uri": "https://example.org/mnist.npz"})
     proc = run_task("download", data_config=config, data_dir=tmp_path / "data",

@@ -96,7 +96,10 @@ def fetch_dataset(config: Path, data_dir: Path) -> Path:
     sources = read_sources(config)
     target = data_dir / DATASET_FILE
     if target.is_file():
-        load_dataset(data_dir)  # raises if it is corrupt, rather than training on it later
+        try:
+            load_dataset(data_dir)  # a damaged file fails here rather than in training
+        except DataError as err:
+            raise DataError(f"{err} Delete {target} to download it again.") from err
         log.info("%s is already there and valid; delete it to download again", target)
         return target
     data_dir.mkdir(parents=True, exist_ok=True)
