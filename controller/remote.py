@@ -242,7 +242,7 @@ def _prepare_runtime(conn, cube, runtime, per_task, params, layout, job, probe,
 
         return docker.remote_launch_spec(conn, cube, per_task, path_for, layout, job.id,
                                          probe, log)
-    env_dir, job.env_hash = _provision_python(conn, cube, probe, log)
+    env_dir, job.env_hash = _provision_python(conn, cube, probe, layout, log)
     python = posixpath.join(env_dir, "bin", "python")
     tasks = []
     for name, overrides in per_task.items():
@@ -262,7 +262,7 @@ def _output_dirs(params, path_for) -> list[str]:
     return sorted(dirs)
 
 
-def _provision_python(conn, cube, probe, log: Log) -> tuple[str, str]:
+def _provision_python(conn, cube, probe, layout: RemoteLayout, log: Log) -> tuple[str, str]:
     from controller.provision import run_playbook
     from controller.runtimes.python import find_interpreter
 
@@ -276,8 +276,12 @@ def _provision_python(conn, cube, probe, log: Log) -> tuple[str, str]:
         "requirements": list(cube.env.requirements), "pip_log": env_dir + ".pip.log",
     }
     start = time.monotonic()
-    for playbook in ["python", *[str(cube.root / p) for p in cube.env.playbooks]]:
-        run_playbook(playbook, variables, conn, log=log)
+    run_playbook("python", variables, conn, log=log)
+    # User playbooks see the same variables as in a local run: the venv's interpreter, the cube.
+    user_vars = {**variables, "python": posixpath.join(env_dir, "bin", "python"),
+                 "cube_root": layout.cube_dir, "workspace": layout.inputs_dir}
+    for playbook in cube.env.playbooks:
+        run_playbook(str(cube.root / playbook), user_vars, conn, log=log)
     log(f"provision python env {env_hash}: {time.monotonic() - start:.2f}s")
     return env_dir, env_hash
 
