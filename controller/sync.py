@@ -19,7 +19,7 @@ import json
 import shlex
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,10 +77,13 @@ def pull(conn, remote_dir: str, local_dir, *, paths=None, progress=None) -> Sync
     if not remote["exists"]:
         raise CubeError(f"Cannot pull '{remote_dir}': it does not exist on the host.",
                         "Check the job id, or whether the task wrote its outputs.")
-    local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=False)
+    known = Future()
+    known.set_result(remote)   # hash only local files the host has in a comparable form
+    local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=False,
+                       need_hash=_compared(known))
     keep = _keeper(None, paths)
     remote, local = keep(remote), keep(local)
-    ops = [op for op in agent.plan(remote, local, delete=False)]
+    ops = agent.plan(remote, local, delete=False)
     if not ops:
         return SyncReport(seconds=time.monotonic() - start)
     stream = open_stream(conn, conn.agent_argv("send", remote_dir))

@@ -159,6 +159,15 @@ def test_push_deletes_remote_files_deleted_locally_but_pull_never_deletes(work, 
     assert (local / "mine.txt").read_text() == "keep me"
 
 
+def test_pull_does_not_read_local_files_the_host_does_not_have(work, conn, tmp_path):
+    sync.push(conn, work, "cubes/c")
+    local = tmp_path / "ws"
+    write(local / "dataset" / "unrelated.bin", os.urandom(MiB))
+    before = agent.HASH_STATS["files"]
+    sync.pull(conn, "cubes/c", local)
+    assert agent.HASH_STATS["files"] == before
+
+
 def test_push_without_delete_keeps_remote_extras(work, conn):
     sync.push(conn, work, "cubes/c")
     (work / "main.py").unlink()
