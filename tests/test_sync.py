@@ -168,6 +168,15 @@ def test_pull_does_not_read_local_files_the_host_does_not_have(work, conn, tmp_p
     assert agent.HASH_STATS["files"] == before
 
 
+def test_progress_callback_sees_every_byte_of_the_stream(work, conn, tmp_path):
+    seen = []
+    report = sync.push(conn, work, "cubes/c", progress=seen.append)
+    assert sum(seen) == report.bytes_sent > 0
+    seen.clear()
+    report = sync.pull(conn, "cubes/c", tmp_path / "back", progress=seen.append)
+    assert sum(seen) == report.bytes_sent > 0
+
+
 def test_push_without_delete_keeps_remote_extras(work, conn):
     sync.push(conn, work, "cubes/c")
     (work / "main.py").unlink()
