@@ -180,18 +180,36 @@ def _setup_netns(name: str, index: int) -> tuple[str, str, str]:
     return netns, veth, inner
 
 
+def _forwarding_rules() -> list[list[str]]:
+    """Lab hosts reach each other (ProxyJump lab2 via lab1) and, through NAT, whatever this
+    machine reaches (a package index for pip, like a lab's real GPU boxes). Docker's FORWARD
+    policy is DROP, so the veths need rules of their own."""
+    veths, tag = f"cv{lab_tag()}+", f"cube-lab-{lab_tag()}"
+    return [
+        ["filter", "FORWARD", "-i", veths, "-j", "ACCEPT"],
+        ["filter", "FORWARD", "-o", veths, "-m", "conntrack", "--ctstate",
+         "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+        ["nat", "POSTROUTING", "-s", "10.203.0.0/16", "!", "-d", "10.203.0.0/16",
+         "-m", "comment", "--comment", tag, "-j", "MASQUERADE"],
+    ]
+
+
 def _allow_forwarding() -> None:
-    """Docker's FORWARD policy is DROP; let lab veths talk to each other (for ProxyJump)."""
-    rule = ["FORWARD", "-i", f"cv{lab_tag()}+", "-o", f"cv{lab_tag()}+", "-j", "ACCEPT"]
     try:
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
     except OSError:
         pass
     try:
-        if _sh("iptables", "-C", *rule, check=False).returncode != 0:
-            _sh("iptables", "-I", *rule, check=False)
+        for table, chain, *rule in _forwarding_rules():
+            if _sh("iptables", "-t", table, "-C", chain, *rule, check=False).returncode != 0:
+                _sh("iptables", "-t", table, "-I", chain, *rule, check=False)
     except FileNotFoundError:
         pass
+
+
+def _remove_forwarding() -> None:
+    for table, chain, *rule in _forwarding_rules():
+        _sh("iptables", "-t", table, "-D", chain, *rule, check=False)
 
 
 def _sshd_config(name: str, address: str, port: int) -> Path:
@@ -371,8 +389,10 @@ def lab_down() -> list[str]:
         _state_file(host.name).unlink(missing_ok=True)
     names = [h.name for h in hosts]
     if any(h.mode == "netns" for h in hosts):
-        rule = ["FORWARD", "-i", f"cv{lab_tag()}+", "-o", f"cv{lab_tag()}+", "-j", "ACCEPT"]
-        _sh("iptables", "-D", *rule, check=False)
+        try:
+            _remove_forwarding()
+        except FileNotFoundError:  # no iptables: nothing was added
+            pass
     if names:
         _write_known_hosts([], remove=names)
         update_inventory({}, remove=names)
