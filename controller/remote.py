@@ -127,7 +127,8 @@ def output_rels(params) -> list[str]:
 
 def run(req: RunRequest, log: Log = stderr_log) -> int:
     """`cube remote run`: returns the exit code the CLI should exit with."""
-    from controller.cube import choose_runtime, load_cube
+    from controller.cube import load_cube
+    from controller.environment import choose_runtime
     from controller.taskargs import overrides_for, split_tasks
 
     cube = load_cube(req.cube_path, workspace=req.workspace,
@@ -233,7 +234,7 @@ def _workspace_inside(cube) -> list[str]:
 
 def _prepare_runtime(conn, cube, runtime, per_task, params, layout, job, probe,
                      log: Log) -> dict:
-    from controller.cube import is_python
+    from controller.entrypoint import is_python
     from controller.taskargs import task_argv
 
     path_for = remote_path_for(params, layout)
