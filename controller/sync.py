@@ -8,6 +8,8 @@ cache under CUBE_HOME, progress bars, and errors for the user.
 
 A connection needs (controller.transport.HostConnection has them):
     conn.agent_argv(verb, *args) -> list[str]   # argv that runs the agent on the host
+    conn.agent_session / conn.agent(verb, *args) -> dict   # optional: manifests are asked of
+                                                           # the connection's long-lived agent
 and either conn.stream(argv) -> controller.streams.Stream, or conn.client (paramiko SSHClient),
 over which a tuned channel is opened (see controller.streams).
 """
