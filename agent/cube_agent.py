@@ -466,7 +466,30 @@ def stop_group(pgid, grace, proc=None):
             break
         time.sleep(0.05)
     signal_group(pgid, signal.SIGKILL)
-    return proc.wait() if proc is not None else None
+    code = proc.wait() if proc is not None else None
+    wait_group_dead(pgid, 5.0)
+    return code
+
+
+def wait_group_dead(pgid, seconds):
+    """SIGKILL is delivered, not finished: wait (bounded) until no member still runs, so a
+    caller told "cancelled" finds none. Zombies count as dead; whoever adopted them reaps."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and live_group_members(pgid):
+        time.sleep(0.02)
+
+
+def live_group_members(pgid):
+    members = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(stat)
+    return members
 
 
 # -- status, logs, cancel
