@@ -482,27 +482,21 @@ def shell_argv(ref: str) -> list[str]:
     """OpenSSH's client gives a real TTY; host keys are checked against the same files."""
     import shlex
 
-    from controller import paths
     from controller.hosts import resolve_host
+    from controller.transport import openssh_shell_argv
 
     job = ledger_mod.Ledger().get(ref)
     spec = resolve_host(job.host, Path(job.inventory) if job.inventory else None)
     layout = RemoteLayout(job.remote_dir, job.cube, job.id)
-    activate = ""
+    rc = ["[ -f ~/.bashrc ] && . ~/.bashrc"]  # the user's own setup first, then the env on top
     if job.runtime == "python":
-        activate = f". {shlex.quote(posixpath.join(job.remote_dir, 'envs', job.env_hash))}/bin/activate && "
-    remote_cmd = f"cd {shlex.quote(layout.job_dir)} && {activate}exec \"${{SHELL:-/bin/sh}}\" -l"
-    known = f"{paths.known_hosts_file()} {Path.home() / '.ssh' / 'known_hosts'}"
-    argv = ["ssh", "-t", "-p", str(spec.port), "-o", f"UserKnownHostsFile={known}",
-            "-o", "StrictHostKeyChecking=yes"]
-    for identity in spec.identity_files or []:
-        argv += ["-i", str(identity)]
-    if spec.proxy_jump:  # the jump may be an inventory name, which OpenSSH does not know
-        jumps = [resolve_host(j.strip(), spec.inventory) for j in spec.proxy_jump.split(",")]
-        argv += ["-J", ",".join(f"{j.user}@{j.hostname}:{j.port}" if j.user
-                                else f"{j.hostname}:{j.port}" for j in jumps)]
-    target = f"{spec.user}@{spec.hostname}" if spec.user else spec.hostname
-    return [*argv, target, remote_cmd]
+        env = posixpath.join(job.remote_dir, "envs", job.env_hash)
+        rc.append(f"export VIRTUAL_ENV={shlex.quote(env)} PATH={shlex.quote(env)}/bin:\"$PATH\"")
+    rc_file = posixpath.join(layout.job_dir, ".cube-shellrc")
+    remote_cmd = (f"cd {shlex.quote(layout.job_dir)} && printf '%s\\n' "
+                  f"{' '.join(shlex.quote(line) for line in rc)} > {shlex.quote(rc_file)} && "
+                  f"exec bash --rcfile {shlex.quote(rc_file)} -i")
+    return [*openssh_shell_argv(spec), remote_cmd]
 
 
 def _copy_new_log(conn, job: ledger_mod.Job, path: Path) -> None:

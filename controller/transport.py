@@ -435,6 +435,21 @@ class HostConnection:
                                  f"'{verb}' ({err}).", "Reconnect and retry.") from None
 
 
+def openssh_shell_argv(spec: HostSpec) -> list[str]:
+    """OpenSSH's client for an interactive session (a real TTY, which paramiko does not give
+    a terminal), checking host keys against the same files as every other connection."""
+    known = f"{paths.known_hosts_file()} {Path.home() / '.ssh' / 'known_hosts'}"
+    argv = ["ssh", "-t", "-p", str(spec.port), "-o", f"UserKnownHostsFile={known}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"]
+    for identity in spec.identity_files or []:
+        argv += ["-i", str(identity)]
+    if spec.proxy_jump:  # the jump may be an inventory name, which OpenSSH does not know
+        hops = [resolve_host(j.strip(), spec.inventory) for j in spec.proxy_jump.split(",")]
+        argv += ["-J", ",".join(f"{h.user}@{h.hostname}:{h.port}" if h.user
+                                else f"{h.hostname}:{h.port}" for h in hops)]
+    return [*argv, f"{spec.user}@{spec.hostname}" if spec.user else spec.hostname]
+
+
 def _agent_source() -> tuple[bytes, str]:
     source = paths.agent_source().read_bytes()
     return source, hashlib.sha256(source).hexdigest()[:16]

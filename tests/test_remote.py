@@ -260,3 +260,14 @@ def test_full_disk_during_sync_is_a_clear_error_and_keeps_the_old_files(lab, lab
         assert subprocess.run(read_settings, capture_output=True, check=True).stdout == before
     finally:
         subprocess.run([*in_host, "umount", "-l", str(small_root)], check=False)
+
+
+def test_shell_opens_in_the_job_folder_with_its_environment(lab, lab_home, hello):
+    started = cube("remote", "run", str(hello), "--host", "lab1", "--task", "greet")
+    assert started.returncode == 0, started.stderr
+    [job] = ledger_jobs()
+    shell = subprocess.run(cube_cmd("remote", "shell", job["id"]), input="pwd; which python\n",
+                           capture_output=True, text=True, timeout=60)
+    root = lab.host("lab1").root
+    assert f"{root}/jobs/{job['id']}" in shell.stdout, shell.stderr
+    assert f"{root}/envs/{job['env_hash']}/bin/python" in shell.stdout, shell.stderr
