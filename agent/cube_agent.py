@@ -1631,6 +1631,8 @@ def verb_send(args):
         write_stream(d, ops, sys.stdout.buffer, manifest)
         sys.stdout.buffer.flush()
     except AgentError as err:
+        if getattr(args, "in_session", False):
+            raise  # the session answers errors itself
         sys.stderr.write(json.dumps({"error": err.message, "hint": err.hint}) + "\n")
         sys.exit(1)
     return None
@@ -1649,7 +1651,7 @@ def register_sync_verbs(verbs):
 # {"verb", "args": [..], "input": str|null} gets one answer line {"ok": true, "result": {..}}
 # or {"ok": false, "error", "hint"}. Bulk byte streams (sync) keep their own channels.
 
-SESSION_UNSAFE = ("serve", "logs", "send", "receive", "supervise")
+SESSION_UNSAFE = ("serve", "logs", "supervise")
 
 
 def serve_verb(args):
@@ -1663,13 +1665,24 @@ def serve_verb(args):
 
 
 def serve_one(parser, root, request):
+    """One request. A sync stream may ride along: `input_b64` is its stdin, and with
+    `capture` its stdout comes back as `stdout_b64` (small transfers skip a new SSH command)."""
     verb = request.get("verb")
     if verb not in VERBS or verb in SESSION_UNSAFE:
         return {"ok": False, "error": "verb %r cannot run in a session." % (verb,), "hint": None}
-    saved = sys.stdin
-    sys.stdin = io.StringIO(request.get("input") or "")
+    saved = sys.stdin, sys.stdout
+    raw = request.get("input_b64")
+    raw = base64.b64decode(raw) if raw is not None else (request.get("input") or "").encode()
+    sys.stdin = io.TextIOWrapper(io.BytesIO(raw))
+    captured = io.BytesIO()
+    if request.get("capture"):
+        sys.stdout = io.TextIOWrapper(captured, write_through=True)
     try:
-        result = call_verb(parser.parse_args(["--root", root, verb] + list(request.get("args", []))))
+        args = parser.parse_args(["--root", root, verb] + list(request.get("args", [])))
+        args.in_session = True
+        result = call_verb(args)
+        sys.stdout.flush()
+        output = captured.getvalue()  # now: dropping the wrapper below closes `captured`
     except SystemExit:  # argparse refused the arguments
         return {"ok": False, "error": "bad arguments for %s: %r" % (verb, request.get("args")),
                 "hint": None}
@@ -1677,9 +1690,11 @@ def serve_one(parser, root, request):
         return {"ok": False, "error": "%s failed: %s: %s" % (verb, type(err).__name__, err),
                 "hint": traceback.format_exc(limit=3)}
     finally:
-        sys.stdin = saved
+        sys.stdin, sys.stdout = saved
     if isinstance(result, dict) and "error" in result and "state" not in result:
         return {"ok": False, "error": result["error"], "hint": result.get("hint")}
+    if request.get("capture"):
+        result = {"stdout_b64": base64.b64encode(output).decode("ascii")}
     return {"ok": True, "result": result}
 
 

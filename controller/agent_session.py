@@ -66,8 +66,17 @@ class AgentSession:
 
     def request(self, verb: str, args: list[str], input: bytes | None,
                 timeout: float | None) -> dict:
-        message = {"verb": verb, "args": [str(a) for a in args],
-                   "input": input.decode() if input is not None else None}
+        """The verb's answer; an agent error becomes a CubeError."""
+        answer = self.exchange({"verb": verb, "args": [str(a) for a in args],
+                                "input": input.decode() if input is not None else None},
+                               timeout)
+        if not answer.get("ok"):
+            raise CubeError(f"host '{self.host}': {answer.get('error')}", answer.get("hint"))
+        return answer["result"]
+
+    def exchange(self, message: dict, timeout: float | None) -> dict:
+        """Send one request, return the agent's whole answer ({"ok": ...})."""
+        verb = message.get("verb")
         with self._lock:
             self._channel.settimeout(timeout)
             try:
@@ -86,9 +95,7 @@ class AgentSession:
             raise CubeError(f"The cube agent on host '{self.host}' gave no JSON answer to "
                             f"'{verb}': {line[:200]!r}", "Check the host's python3 (>= 3.8).") \
                 from None
-        if not answer.get("ok"):
-            raise CubeError(f"host '{self.host}': {answer.get('error')}", answer.get("hint"))
-        return answer["result"]
+        return answer
 
     @property
     def alive(self) -> bool:

@@ -12,6 +12,9 @@ with 40% less CPU against OpenSSH 9.2.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import subprocess
 import tempfile
 from typing import Protocol
@@ -152,3 +155,46 @@ class ProcessStream:
             self.proc.kill()
         self.proc.wait()
         self._err.close()
+
+
+class SessionStream:
+    """The same interface, carried inside the agent session: what is written becomes one
+    request's stdin when stdin closes, and the answer (a `send` verb's tar, or any verb's JSON)
+    is what reads return. For small transfers only: both ends are held in memory."""
+
+    def __init__(self, conn, verb_args: list[str]):
+        self._conn, self._verb_args = conn, [str(a) for a in verb_args]
+        self._in, self._out = io.BytesIO(), io.BytesIO()
+        self._err, self._code = "", None
+
+    def write(self, data) -> int:
+        return self._in.write(data)
+
+    def close_stdin(self) -> None:
+        verb, *args = self._verb_args
+        capture = verb == "send"
+        answer = self._conn.agent_exchange({
+            "verb": verb, "args": args, "capture": capture,
+            "input_b64": base64.b64encode(self._in.getvalue()).decode("ascii")})
+        if not answer.get("ok"):
+            self._err = json.dumps({"error": answer.get("error"), "hint": answer.get("hint")})
+            self._code = 1
+            return
+        result = answer["result"]
+        body = base64.b64decode(result["stdout_b64"]) if capture else json.dumps(result).encode()
+        self._out = io.BytesIO(body)
+        self._code = 0
+
+    def read(self, n: int = -1) -> bytes:
+        return self._out.read(n)
+
+    def wait(self) -> int:
+        if self._code is None:
+            self.close_stdin()
+        return self._code
+
+    def stderr_text(self) -> str:
+        return self._err
+
+    def close(self) -> None:
+        self._in.close()

@@ -428,8 +428,15 @@ class HostConnection:
               timeout: float | None = None) -> dict:
         """Run an agent verb in the session and return its answer; an agent error becomes a
         CubeError, a dead channel ConnectionLost."""
+        return self._in_session(verb, lambda s: s.request(verb, list(args), input, timeout))
+
+    def agent_exchange(self, message: dict, timeout: float | None = None) -> dict:
+        """One raw session request ({"verb", "args", ...}); the whole answer, errors included."""
+        return self._in_session(message.get("verb"), lambda s: s.exchange(message, timeout))
+
+    def _in_session(self, verb, call):
         try:
-            return self.agent_session().request(verb, list(args), input, timeout)
+            return call(self.agent_session())
         except SessionLost as err:
             raise ConnectionLost(f"Lost the connection to host '{self.spec.name}' during "
                                  f"'{verb}' ({err}).", "Reconnect and retry.") from None
