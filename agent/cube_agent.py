@@ -525,15 +525,12 @@ def logs_verb(args):
             raise AgentError("offset %d is outside the job's log (%d bytes so far)."
                              % (args.offset, size), hint="pass an offset from 0 to the log size")
         log.seek(args.offset)
-        deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
         try:
             while True:
                 # Read the state first: once it is final, everything the job wrote is in the file.
                 final = args.follow and load_state(path)["state"] in FINAL_STATES
                 copy_to_end(log, out)
                 if final or not args.follow or reader_gone(out.fileno(), args.poll):
-                    return None
-                if deadline is not None and time.monotonic() > deadline:
                     return None
         except BrokenPipeError:  # the reader went away: nothing left to say
             null_fd = os.open(os.devnull, os.O_WRONLY)
@@ -850,9 +847,6 @@ def add_logs_arguments(parser):
     parser.add_argument("--offset", type=int, default=0, help="first byte to send")
     parser.add_argument("--follow", action="store_true", help="until the job ends")
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between checks")
-    parser.add_argument("--max-seconds", type=float, default=None,
-                        help="with --follow: return after this long even if the job runs on, so "
-                             "the caller can tell a dead link from a quiet job by a read timeout")
 
 
 def add_cancel_arguments(parser):

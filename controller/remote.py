@@ -234,8 +234,7 @@ def _workspace_inside(cube) -> list[str]:
 
 def _prepare_runtime(conn, cube, runtime, per_task, params, layout, job, probe,
                      log: Log) -> dict:
-    from controller.entrypoint import is_python
-    from controller.taskargs import task_argv
+    from controller.runtimes.python import python_task_argv
 
     path_for = remote_path_for(params, layout)
     if runtime == "docker":
@@ -244,13 +243,8 @@ def _prepare_runtime(conn, cube, runtime, per_task, params, layout, job, probe,
         return docker.remote_launch_spec(conn, cube, per_task, path_for, layout, job.id,
                                          probe, log)
     env_dir, job.env_hash = _provision_python(conn, cube, probe, layout, log)
-    python = posixpath.join(env_dir, "bin", "python")
-    tasks = []
-    for name, overrides in per_task.items():
-        argv = task_argv(cube, name, overrides, path_for=path_for)
-        if is_python(argv[0]):
-            argv = [python, *argv[1:]]
-        tasks.append({"name": name, "argv": argv, "cwd": layout.cube_dir})
+    tasks = [{"name": name, "argv": python_task_argv(cube, name, overrides, env_dir, path_for),
+              "cwd": layout.cube_dir} for name, overrides in per_task.items()]
     return {"tasks": tasks, "mkdirs": _output_dirs(params, path_for)}
 
 
@@ -303,8 +297,8 @@ def _launch(conn, job: ledger_mod.Job, spec: dict, log: Log) -> None:
 
 # ---- following a job --------------------------------------------------------------------------
 
-# How long one `logs --follow` call may run before the controller re-issues it. Bounded calls
-# let a read timeout tell a dead link (no TCP error for minutes) from a quiet task.
+# How long one `read-log` long poll may wait for new output. Bounded polls let a read timeout
+# tell a dead link (no TCP error for minutes) from a quiet task.
 FOLLOW_WINDOW_S = float(os.environ.get("CUBE_FOLLOW_WINDOW", 20))
 READ_TIMEOUT_S = FOLLOW_WINDOW_S + max(5.0, FOLLOW_WINDOW_S)
 RECONNECT_BUDGET_S = float(os.environ.get("CUBE_RECONNECT_BUDGET", 600))
