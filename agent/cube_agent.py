@@ -481,14 +481,14 @@ def wait_group_dead(pgid, seconds):
 
 def live_group_members(pgid):
     members = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
+    for stat_file in glob.glob("/proc/[0-9]*/stat"):
         try:
-            with open(stat) as f:
+            with open(stat_file) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(stat)
+            members.append(stat_file)
     return members
 
 
@@ -877,13 +877,11 @@ JOB_VERBS = {
 # A sync stream is a pax tar whose members are all regular entries carrying a `CUBE.op` header
 # (file, patch, link, dir, delete, rmdir); any other member (link, device, fifo, escape) is refused.
 
-import errno
 import hashlib
 import posixpath
 import stat
 import tarfile
 import threading
-import time
 
 BLOCK_SIZE = 1 << 18          # patch granularity for large files (256 KiB)
 BLOCK_THRESHOLD = 4 << 20     # files this big also get per-block digests

@@ -15,7 +15,6 @@ attempts.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
 import shlex

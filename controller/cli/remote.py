@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -24,7 +23,7 @@ def parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise CubeError(f"Bad {what} '{item}': expected NAME=VALUE.",
-                            f"Example: data_dir=/data/mnist")
+                            "Example: data_dir=/data/mnist")
         result[name.strip()] = value
     return result
 
