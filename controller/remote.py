@@ -324,11 +324,7 @@ def _follow(conn, job: ledger_mod.Job, log: Log) -> dict:
                 log(f"connection to {job.host} lost ({type(err).__name__}: {err}); reconnecting")
                 _reconnect(conn, log)
                 continue
-            chunk = base64.b64decode(answer["data"])
-            out.write(chunk)
-            out.flush()
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+            _append_log(out, base64.b64decode(answer["data"]))
             if answer["done"]:
                 return answer["state"]
 
@@ -502,6 +498,12 @@ def _copy_new_log(conn, job: ledger_mod.Job, path: Path) -> None:
             chunk = base64.b64decode(answer["data"])
             if not chunk:
                 return
-            out.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+            _append_log(out, chunk)
+
+
+def _append_log(out, chunk: bytes) -> None:
+    """Log bytes from the host: into the local copy (its size is the next offset), and shown."""
+    out.write(chunk)
+    out.flush()
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()

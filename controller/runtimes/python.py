@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from controller.entrypoint import is_python
 from controller.errors import CubeError
 from controller.paths import envs_dir
 
@@ -201,13 +202,9 @@ def python_task_argv(cube, task: str, overrides: dict[str, str] | None, env_dir:
 
     kwargs = {"path_for": path_for} if path_for is not None else {}
     argv = task_argv(cube, task, overrides or {}, **kwargs)
-    if argv and _is_python(argv[0]):
+    if argv and is_python(argv[0]):
         argv[0] = str(Path(env_dir) / "bin" / "python")
     return argv
-
-
-def _is_python(word: str) -> bool:
-    return bool(re.match(r"^python(3(\.\d+)?)?$", os.path.basename(word)))
 
 
 def task_env(env_dir: Path) -> dict[str, str]:
