@@ -26,28 +26,12 @@ from typing import Any, Callable, Protocol
 import yaml
 
 from controller.errors import ConfigError, CubeError
+from controller.target import ExecResult, Executor  # noqa: F401 (re-exported)
 from controller.paths import playbooks_dir
 
 TAIL_LINES = 20
 STEP_KEYS = {"name", "run", "check", "when", "timeout"}
 PLAYBOOK_KEYS = {"name", "description", "check", "vars", "on_failure", "steps"}
-
-
-@dataclass
-class ExecResult:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        if self.stdout and self.stderr:
-            return self.stdout + ("" if self.stdout.endswith("\n") else "\n") + self.stderr
-        return self.stdout or self.stderr
-
-
-class Executor(Protocol):
-    def sh(self, command: str, *, timeout: float | None = None) -> ExecResult: ...
 
 
 class LocalExecutor:

@@ -30,7 +30,7 @@ from controller import paths
 from controller.agent_session import AgentMissing, AgentSession, SessionLost
 from controller.errors import CubeError, HostUnreachable
 from controller.hosts import HostSpec, atomic_write, file_lock, resolve_host
-from controller.provision import ExecResult  # one result type for every executor
+from controller.target import ExecResult
 
 log = logging.getLogger("cube.transport")
 # paramiko logs each failed attempt's traceback from its own thread; without a handler Python
