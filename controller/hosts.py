@@ -5,7 +5,11 @@ Inventory format:
 
     hosts:
       gpu1: {hostname: 10.0.0.5, port: 22, user: me, identity_file: ~/.ssh/id_ed25519,
-             root: ~/.cube, labels: [gpu], groups: [nightly], proxy_jump: bastion}
+             root: ~/.cube, labels: [gpu], groups: [nightly], proxy_jump: bastion, slots: 2}
+    groups:                 # optional, as in Ansible: group -> member hosts
+      lab: [gpu1]
+
+A host's groups are its own `groups:` plus every top-level group that lists it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from controller import paths
 from controller.errors import ConfigError
 
 DEFAULT_ROOT = "~/.cube"
-FIELDS = ("hostname", "port", "user", "identity_file", "root", "labels", "groups", "proxy_jump")
+FIELDS = ("hostname", "port", "user", "identity_file", "root", "labels", "groups", "proxy_jump",
+          "slots")
+TOP_LEVEL = ("hosts", "groups")
 
 
 @dataclass
@@ -38,6 +44,7 @@ class HostSpec:
     labels: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     proxy_jump: str | None = None
+    slots: int | None = None   # job slots when the host has no GPUs (None: the default)
     # The inventory this spec came from, so a ProxyJump name resolves against the same file.
     inventory: Path | None = field(default=None, repr=False, compare=False)
 
@@ -85,11 +92,48 @@ def load_inventory(path: Path | None = None) -> dict[str, HostSpec]:
         raise ConfigError(path, f"is not valid YAML ({getattr(err, 'problem', err)}).",
                           "Fix the YAML syntax; see docs for the inventory format.",
                           line=mark.line + 1 if mark else None) from None
-    if not isinstance(data, dict) or not isinstance(data.get("hosts", {}), dict):
+    return _parse_inventory(path, data)
+
+
+def _parse_inventory(path: Path, data) -> dict[str, HostSpec]:
+    if not isinstance(data, dict) or not isinstance(data.get("hosts") or {}, dict):
         raise ConfigError(path, "must be a mapping with a 'hosts' mapping of name -> settings.",
                           "Write it as 'hosts: {myhost: {hostname: ..., user: ...}}'.", field="hosts")
-    return {str(name): _spec_from_entry(path, str(name), entry)
-            for name, entry in (data.get("hosts") or {}).items()}
+    unknown = sorted(str(k) for k in set(data) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(path, f"has unknown top-level key(s) {', '.join(unknown)}.",
+                          f"Allowed top-level keys: {', '.join(TOP_LEVEL)}.", field=unknown[0])
+    specs = {str(name): _spec_from_entry(path, str(name), entry)
+             for name, entry in (data.get("hosts") or {}).items()}
+    for group, members in _top_level_groups(path, data.get("groups"), specs).items():
+        for name in members:
+            if group not in specs[name].groups:
+                specs[name].groups.append(group)
+    return specs
+
+
+def _top_level_groups(path: Path, raw, specs: dict[str, HostSpec]) -> dict[str, list[str]]:
+    """`groups: {lab: [gpu01, gpu02]}`; every member must be a host of this inventory."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "'groups' must be a mapping of group name -> list of hosts.",
+                          "Write it as 'groups: {lab: [gpu01, gpu02]}'.", field="groups")
+    groups = {}
+    for group, members in raw.items():
+        where = f"groups.{group}"
+        members = [] if members is None else members
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ConfigError(path, f"group '{group}' must be a list of host names.",
+                              f"Write it as '{group}: [gpu01, gpu02]'.", field=where)
+        missing = [m for m in members if m not in specs]
+        if missing:
+            known = ", ".join(specs) or "none"
+            raise ConfigError(path, f"group '{group}' lists unknown host(s) {', '.join(missing)}.",
+                              f"Add them under 'hosts:' or remove them from the group "
+                              f"(known hosts: {known}).", field=where)
+        groups[str(group)] = members
+    return groups
 
 
 def _spec_from_entry(path: Path, name: str, entry) -> HostSpec:
@@ -124,17 +168,24 @@ def _spec_from_entry(path: Path, name: str, entry) -> HostSpec:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(path, f"'port' of host '{name}' must be a number 1-65535, not {port!r}.",
                           "Use the SSH port of the host, usually 22.", field=f"{where}.port")
+    slots = entry.get("slots")
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+        raise ConfigError(path, f"'slots' of host '{name}' must be a whole number >= 1, not "
+                          f"{slots!r}.", "How many jobs may run on it at once, e.g. slots: 2.",
+                          field=f"{where}.slots")
     return HostSpec(
         name=name, hostname=text("hostname") or name, port=port,
         user=text("user") or getpass.getuser(),
         identity_files=[os.path.expanduser(p) for p in strings("identity_file")],
-        root=text("root") or DEFAULT_ROOT, labels=strings("labels"), groups=strings("groups"),
-        proxy_jump=text("proxy_jump"))
+        root=text("root") or DEFAULT_ROOT, labels=strings("labels"), groups=list(strings("groups")),
+        proxy_jump=text("proxy_jump"), slots=slots)
 
 
 def update_inventory(set_entries: dict[str, dict], remove: list[str] = (),
-                     path: Path | None = None) -> None:
-    """Merge entries into the inventory (others kept), atomically and under a lock."""
+                     path: Path | None = None, *, join: dict[str, list[str]] | None = None) -> None:
+    """Merge entries into the inventory (others kept), atomically and under a lock. Removed
+    hosts also leave every top-level group (an emptied group goes); `join` adds hosts to
+    top-level groups ({"lab": ["lab1"]})."""
     path = Path(path) if path else paths.inventory_file()
     with file_lock(path):
         load_inventory(path)  # a broken file is reported (ConfigError), never overwritten
@@ -144,6 +195,21 @@ def update_inventory(set_entries: dict[str, dict], remove: list[str] = (),
             hosts.pop(name, None)
         hosts.update(set_entries)
         data["hosts"] = hosts
+        groups = data.get("groups") or {}
+        for group in list(groups):
+            kept = [m for m in groups[group] or [] if m not in remove]
+            if kept or not groups[group]:
+                groups[group] = kept
+            else:
+                del groups[group]
+        for group, members in (join or {}).items():
+            current = groups.setdefault(group, [])
+            current.extend(m for m in members if m not in current)
+        if groups:
+            data["groups"] = groups
+        else:
+            data.pop("groups", None)
+        _parse_inventory(path, data)  # never write a file that would not load
         atomic_write(path, yaml.safe_dump(data, sort_keys=False))
 
 
@@ -196,3 +262,12 @@ def _from_ssh_config(name: str, ssh_config: Path | None) -> HostSpec | None:
 def hosts_in_group(group: str, inventory: Path | None = None) -> list[HostSpec]:
     """Every inventory host whose `groups` contains `group` (for sweeps), in file order."""
     return [h for h in load_inventory(inventory).values() if group in h.groups]
+
+
+def inventory_groups(inventory: Path | None = None) -> dict[str, list[str]]:
+    """group -> member host names (both declaration styles), groups sorted, hosts in file order."""
+    groups: dict[str, list[str]] = {}
+    for spec in load_inventory(inventory).values():
+        for group in spec.groups:
+            groups.setdefault(group, []).append(spec.name)
+    return dict(sorted(groups.items()))
