@@ -42,6 +42,7 @@ def _root(
 def _register() -> None:
     # Imported for their side effect: each adds its commands to `app`.
     from controller.cli import model, local, remote, lab, serve  # noqa: F401
+    from controller.cli import hosts  # noqa: F401
 
 
 def main() -> None:
