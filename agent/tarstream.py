@@ -1,0 +1,526 @@
+"""The sync stream: a pax tar whose members are all regular entries carrying a `CUBE.op` header
+(file, commit, patch, link, dir, delete, rmdir); any other member (link, device, fifo, escape)
+is refused. `write_stream` writes one from a manifest and a plan; `apply_stream` applies one,
+checking every path and landing every file by temp name + sha256 check + fsync + rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import tarfile
+import threading
+
+from .manifest import (BLOCK_SIZE, BLOCK_THRESHOLD, IO_CHUNK, TMP_PREFIX, changed_blocks,
+                       check_link, check_rel, update_cache)
+from .protocol import AgentError
+
+# Data reaches the disk before its rename. CUBE_SYNC_FSYNC=0 (benchmarks only) measures its cost.
+FSYNC = os.environ.get("CUBE_SYNC_FSYNC", "1") != "0"
+_tmp_counter = [0]
+
+# -- sending --
+
+class TarWriter(object):
+    """A minimal pax tar writer straight onto the output: tarfile's stream mode re-buffers
+    (and copies) every byte, which costs more than hashing it."""
+
+    def __init__(self, out):
+        self.out, self.buf = out, bytearray(IO_CHUNK)
+
+    def addfile(self, info, chunks=()):
+        self.out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        sent = 0
+        for chunk in chunks:
+            self.out.write(chunk)
+            sent += len(chunk)
+        if sent != info.size:
+            raise AgentError("'%s' changed size while it was being sent." % info.name,
+                             "Run the sync again once the file is no longer being written.")
+        if sent % tarfile.BLOCKSIZE:
+            self.out.write(tarfile.NUL * (tarfile.BLOCKSIZE - sent % tarfile.BLOCKSIZE))
+
+    def close(self):
+        self.out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+
+    def ranges(self, f, spans, chunk=IO_CHUNK):
+        """Chunks of the file for (offset, length) spans, read into one reused buffer."""
+        view = memoryview(self.buf)
+        for offset, length in spans:
+            f.seek(offset)
+            while length > 0:
+                n = f.readinto(view[:min(length, chunk)])
+                if not n:
+                    return
+                yield view[:n]
+                length -= n
+
+
+def _info(rel, op, payload=0, **pax):
+    ti = tarfile.TarInfo(rel)
+    ti.size, ti.type = payload, tarfile.REGTYPE
+    ti.pax_headers = dict({"CUBE.op": op}, **{"CUBE." + k: str(v) for k, v in pax.items()})
+    return ti
+
+
+def _hashing(chunks, full, blocks):
+    """Pass chunks (one block each) through, hashing them on the way."""
+    for chunk in chunks:
+        full.update(chunk)
+        if blocks is not None:
+            blocks.append(hashlib.sha256(chunk).hexdigest())
+        yield chunk
+
+
+def _add_hashed_file(tar, f, rel, entry, meta):
+    """Stream a file not hashed yet; its sha256 follows in a `commit` member."""
+    size, full = entry["size"], hashlib.sha256()
+    blocks = [] if size >= BLOCK_THRESHOLD else None
+    del meta["sha256"]
+    chunks = _hashing(tar.ranges(f, [(0, size)], BLOCK_SIZE), full, blocks)
+    tar.addfile(_info(rel, "file", size, **meta), chunks)
+    tar.addfile(_info(rel, "commit", sha256=full.hexdigest()))
+    key = entry.get("key")
+    return {rel: key + [full.hexdigest(), blocks]} if key else {}
+
+
+def _add_file(tar, top, rel, entry, base_blocks):
+    path, size = os.path.join(top, rel), entry["size"]
+    meta = dict(sha256=entry["sha256"], mode=entry["mode"], mtime_ns=entry["mtime_ns"],
+                size=size)
+    with open(path, "rb", buffering=0) as f:
+        if entry["sha256"] is None:
+            return _add_hashed_file(tar, f, rel, entry, meta)
+        if base_blocks is not None:
+            idx = changed_blocks(entry["blocks"], base_blocks)
+            spans = [(i * BLOCK_SIZE, min(BLOCK_SIZE, size - i * BLOCK_SIZE)) for i in idx]
+            ti = _info(rel, "patch", sum(n for _, n in spans),
+                       blocks=",".join(map(str, idx)), **meta)
+            tar.addfile(ti, tar.ranges(f, spans))
+        else:
+            tar.addfile(_info(rel, "file", size, **meta), tar.ranges(f, [(0, size)]))
+    return {}
+
+
+def write_stream(top, ops, out, manifest):
+    """Write the sync stream for ops (entries taken from top's manifest) to a binary file.
+    Returns hash-cache rows for files hashed while streaming."""
+    tar, hashed = TarWriter(out), {}
+    for op in ops:
+        hashed.update(_add_op(tar, top, op, manifest) or {})
+    tar.close()
+    return hashed
+
+
+def _add_op(tar, top, op, manifest):
+    rel, kind = check_rel(op["path"]), op["op"]
+    if kind == "file":
+        entry = manifest["files"].get(rel)
+        if entry is None:
+            raise AgentError("'%s' is not a file in %s." % (rel, top),
+                             "It was removed or replaced since the sync began; run it again.")
+        return _add_file(tar, top, rel, entry, op.get("base_blocks"))
+    elif kind == "link" and rel in manifest["links"]:
+        tar.addfile(_info(rel, "link", target=check_link(rel, manifest["links"][rel])))
+    elif kind == "dir" and rel in manifest["dirs"]:
+        tar.addfile(_info(rel, "dir", mode=manifest["dirs"][rel]))
+    elif kind in ("delete", "rmdir"):
+        tar.addfile(_info(rel, kind))
+    else:
+        raise AgentError("Cannot send '%s' as %s: no such entry in %s." % (rel, kind, top),
+                         "It changed since the sync began; run it again.")
+
+
+# -- receiving: every path is checked, every file lands by temp name + verify + rename --
+
+def _safe_parent(top, rel):
+    """Create missing parents of rel under top; refuse a parent that is a symlink or file."""
+    parts, cur = rel.split("/")[:-1], top
+    for p in parts:
+        cur = os.path.join(cur, p)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            os.mkdir(cur)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise AgentError("Refusing to write '%s': its parent '%s' is a symlink or not a "
+                             "directory." % (rel, os.path.relpath(cur, top)),
+                             "A sync never writes through a symlink.")
+    return os.path.join(top, rel)
+
+
+def _tmp_name(dest):
+    _tmp_counter[0] += 1
+    return os.path.join(os.path.dirname(dest), "%s%d-%d" % (TMP_PREFIX, os.getpid(),
+                                                             _tmp_counter[0]))
+
+
+def clean_stale_tmp(top):
+    """Remove temp files an interrupted sync left behind."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in filenames + dirnames:
+            if name.startswith(TMP_PREFIX):
+                path = os.path.join(dirpath, name)
+                if not os.path.isdir(path) or os.path.islink(path):
+                    os.unlink(path)
+
+
+def _hash_and_write(src, fd, size, progress):
+    """Copy size bytes from src to fd, hashing as we go (block digests for large files)."""
+    full, blocks, left = hashlib.sha256(), [], size
+    block = hashlib.sha256() if size >= BLOCK_THRESHOLD else None
+    in_block = 0
+    while left:
+        data = src.read(min(IO_CHUNK, left))
+        if not data:
+            raise AgentError("The sync stream ended early (connection cut?).",
+                             "Run the sync again; it resumes where it stopped.")
+        left -= len(data)
+        full.update(data)
+        if block is not None:
+            for piece in _split_blocks(data, in_block):
+                block.update(piece)
+                in_block += len(piece)
+                if in_block == BLOCK_SIZE:
+                    blocks.append(block.hexdigest())
+                    block, in_block = hashlib.sha256(), 0
+        _write_all(fd, data)
+        if progress:
+            progress(len(data))
+    if block is not None and in_block:
+        blocks.append(block.hexdigest())
+    return full.hexdigest(), (blocks if block is not None else None)
+
+
+def _split_blocks(data, in_block):
+    view, start = memoryview(data), 0
+    while start < len(data):
+        end = min(len(data), start + BLOCK_SIZE - in_block)
+        yield view[start:end]
+        start, in_block = end, 0
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _finish(tmp, dest, rel, pax, got_sha, finisher):
+    if got_sha != pax["CUBE.sha256"]:
+        raise AgentError("'%s' arrived with the wrong sha256 (changed during the sync, or the "
+                         "stream was damaged); the previous version is kept." % rel,
+                         "Run the sync again.")
+    os.chmod(tmp, int(pax["CUBE.mode"]) & 0o7777)
+    mtime = int(pax["CUBE.mtime_ns"])
+    os.utime(tmp, ns=(mtime, mtime))
+    finisher.submit(tmp, dest)
+
+
+class Finisher(object):
+    """fsync then rename verified temp files on worker threads: the stream keeps flowing, and
+    concurrent fsyncs share journal commits (one fsync per small file in a row costs ms each)."""
+
+    def __init__(self, workers=16):
+        # Imported here: 17 ms of start-up that only receivers need (every agent start pays
+        # for module-level imports, and most verbs never apply a stream).
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(workers)
+        self.futures, self.errors, self.landed = [], [], set()
+        self.lock = threading.Lock()
+
+    def submit(self, tmp, dest):
+        self.futures.append(self.pool.submit(self._land, tmp, dest))
+
+    def _land(self, tmp, dest):
+        try:
+            if FSYNC:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, dest)
+            with self.lock:
+                self.landed.add(dest)
+        except OSError as err:
+            _unlink_quiet(tmp)
+            with self.lock:
+                self.errors.append(err)
+
+    def close(self):
+        """Wait until every file has landed; raise the first failure."""
+        self.pool.shutdown(wait=True)
+        if self.errors:
+            raise self.errors[0]
+
+
+def _receive_file(tar, member, dest, rel, progress, finisher, pending):
+    tmp = _tmp_name(dest)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        try:
+            sha, blocks = _hash_and_write(tar, fd, member.size, progress)
+        finally:
+            os.close(fd)
+        if "CUBE.sha256" in member.pax_headers:
+            _finish(tmp, dest, rel, member.pax_headers, sha, finisher)
+        else:   # hashed by the sender while streaming: the next member carries the sha256
+            pending.append((tmp, dest, rel, member.pax_headers, sha))
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    return sha, blocks
+
+
+def _receive_patch(tar, member, dest, rel, progress, finisher):
+    """New file = old blocks + received blocks, built in one pass that hashes as it writes."""
+    pax = member.pax_headers
+    try:
+        if not stat.S_ISREG(os.lstat(dest).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except OSError:
+        raise AgentError("A block patch for '%s' arrived but there is no regular file to patch."
+                         % rel, "Run the sync again; it sends the whole file.")
+    size = int(pax["CUBE.size"])
+    changed = set(int(i) for i in pax["CUBE.blocks"].split(",") if i)
+    tmp = _tmp_name(dest)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        try:
+            with open(dest, "rb", buffering=0) as old:
+                pieces = _patched_blocks(old, tar, changed, size, progress)
+                sha, blocks = _hash_and_write(_Chunks(pieces), fd, size, None)
+        finally:
+            os.close(fd)
+        _finish(tmp, dest, rel, pax, sha, finisher)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    return sha, blocks
+
+
+def _patched_blocks(old, new, changed, size, progress):
+    for i in range((size + BLOCK_SIZE - 1) // BLOCK_SIZE):
+        n = min(BLOCK_SIZE, size - i * BLOCK_SIZE)
+        if i in changed:
+            data = new.read(n)
+            if progress:
+                progress(n)
+        else:
+            old.seek(i * BLOCK_SIZE)
+            data = old.read(n)
+        if len(data) != n:
+            raise AgentError("The sync stream ended early, or the file to patch changed.",
+                             "Run the sync again; it resumes where it stopped.")
+        yield data
+
+
+class _Chunks(object):
+    """read() over an iterator of byte strings (each read returns the next one)."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def read(self, n=-1):
+        return next(self.it, b"")
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _receive_link(dest, rel, target):
+    check_link(rel, target)
+    tmp = _tmp_name(dest)
+    os.symlink(target, tmp)
+    os.replace(tmp, dest)
+
+
+def _delete(dest, rel, rmdir):
+    try:
+        if rmdir:
+            os.rmdir(dest)
+        elif stat.S_ISDIR(os.lstat(dest).st_mode):
+            raise AgentError("Refusing to delete directory '%s' as a file." % rel)
+        else:
+            os.unlink(dest)
+        return 1
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+            return 0   # gone already, or still holds ignored files: keep it
+        raise
+
+
+def _check_member(member):
+    """Only our own regular members are accepted: never links, devices, fifos or dirs."""
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        raise AgentError("Refusing tar member '%s': it is a link, device, fifo or directory, "
+                         "which a cube sync never sends." % member.name,
+                         "The other side sent a stream cube did not make; do not trust it.")
+    op = member.pax_headers.get("CUBE.op")
+    if op not in ("file", "commit", "patch", "link", "dir", "delete", "rmdir"):
+        raise AgentError("Refusing tar member '%s': not a cube sync entry." % member.name,
+                         "The other side sent a stream cube did not make; do not trust it.")
+    return op, check_rel(member.name)
+
+
+class TarReader(object):
+    """Reads a sync stream: per member one pax header ('x') then one ustar header, then data.
+    Stricter and far cheaper than tarfile's stream mode (which copies every byte twice more);
+    anything else (global headers, GNU long names, ...) surfaces as a refused member type."""
+
+    MAX_PAX = 64 << 20
+
+    def __init__(self, f):
+        self.f, self.left, self.pad = f, 0, 0
+
+    def _exact(self, n):
+        parts, got = [], 0
+        while got < n:
+            data = self.f.read(n - got)
+            if not data:
+                raise AgentError("The sync stream ended early (connection cut?).",
+                                 "Run the sync again; it resumes where it stopped.")
+            parts.append(data)
+            got += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def next(self):
+        """The next member's TarInfo (name and size from its pax header), None at the end."""
+        while self.left:
+            self.read(min(self.left, IO_CHUNK))
+        if self.pad:
+            self._exact(self.pad)
+        block = self._exact(tarfile.BLOCKSIZE)
+        if block == tarfile.NUL * tarfile.BLOCKSIZE:
+            return None
+        info, pax = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape"), {}
+        if info.type == tarfile.XHDTYPE and 0 <= info.size <= self.MAX_PAX:
+            pax = _parse_pax(self._exact(-(-info.size // 512) * 512)[:info.size])
+            info = tarfile.TarInfo.frombuf(self._exact(tarfile.BLOCKSIZE), "utf-8",
+                                           "surrogateescape")
+        info.pax_headers = pax
+        info.name = pax.get("path", info.name)
+        info.size = int(pax.get("size", info.size))
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.size < 0:
+            info.size = 0   # refused by _check_member; never read as data
+        self.left, self.pad = info.size, -info.size % tarfile.BLOCKSIZE
+        return info
+
+    def read(self, n=-1):
+        """The current member's data, up to n bytes."""
+        n = self.left if n < 0 else min(n, self.left)
+        if n <= 0:
+            return b""
+        data = self.f.read(n)
+        if not data:
+            raise AgentError("The sync stream ended early (connection cut?).",
+                             "Run the sync again; it resumes where it stopped.")
+        self.left -= len(data)
+        return data
+
+
+def _parse_pax(data):
+    """pax records: b"<len> <key>=<value>\n", len counting the whole record."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= space - pos:
+            raise ValueError("bad pax record length")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=None):
+    """Apply a sync stream under top. Returns counts; files verified land by rename."""
+    os.makedirs(top, exist_ok=True)
+    top = os.path.realpath(top)
+    clean_stale_tmp(top)
+    report, verified, finisher = {"files": 0, "bytes": 0, "deleted": 0}, {}, Finisher()
+    pending = []   # at most one file waiting for its `commit` member
+    try:
+        try:
+            tar = TarReader(instream)
+            for member in iter(tar.next, None):
+                _apply_member(tar, member, top, allow_delete, progress, finisher, report,
+                              verified, pending)
+            if pending:
+                _commit(None, None, pending, finisher)
+        finally:
+            for tmp in [p[0] for p in pending]:
+                _unlink_quiet(tmp)
+            finisher.close()   # files verified before a failure still land
+    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
+        raise AgentError("The sync stream is damaged or was cut (%s)." % err,
+                         "Run the sync again; files already received are kept.")
+    except OSError as err:
+        raise AgentError("Could not write into %s: %s." % (top, err),
+                         "Check free disk space and permissions, then run the sync again.")
+    finally:
+        landed = {rel: v for rel, v in verified.items() if os.path.join(top, rel)
+                  in finisher.landed}
+        update_cache(cache_file, top, landed)
+    return report
+
+
+def _commit(member, rel, pending, finisher):
+    """A file streamed before its hash lands only when its `commit` member confirms it."""
+    tmp, dest, got_rel, pax, sha = pending.pop()
+    try:
+        if member is None or got_rel != rel:
+            raise AgentError("'%s' arrived without its checksum; it was not installed." % got_rel,
+                             "Run the sync again.")
+        pax = dict(pax, **{"CUBE.sha256": member.pax_headers.get("CUBE.sha256")})
+        _finish(tmp, dest, rel, pax, sha, finisher)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def _apply_member(tar, member, top, allow_delete, progress, finisher, report, verified,
+                  pending):
+    op, rel = _check_member(member)
+    if pending or op == "commit":
+        if not pending:
+            raise AgentError("Refusing tar member '%s': a checksum with no file before it." % rel,
+                             "The other side sent a stream cube did not make; do not trust it.")
+        return _commit(member if op == "commit" else None, rel, pending, finisher)
+    if op in ("delete", "rmdir") and not allow_delete:
+        raise AgentError("Refusing to delete '%s': this sync may not delete files." % rel)
+    dest = _safe_parent(top, rel)
+    if op == "file":
+        verified[rel] = _receive_file(tar, member, dest, rel, progress, finisher, pending)
+    elif op == "patch":
+        verified[rel] = _receive_patch(tar, member, dest, rel, progress, finisher)
+    elif op == "link":
+        _receive_link(dest, rel, member.pax_headers.get("CUBE.target", ""))
+    elif op == "dir":
+        _receive_dir(dest, rel, int(member.pax_headers["CUBE.mode"]))
+    else:
+        report["deleted"] += _delete(dest, rel, op == "rmdir")
+        return
+    report["files"] += op != "dir"
+    report["bytes"] += member.size
+
+
+def _receive_dir(dest, rel, mode):
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        os.mkdir(dest)
+    else:
+        if not stat.S_ISDIR(st.st_mode):
+            raise AgentError("Refusing to make directory '%s': something else is there." % rel)
+    os.chmod(dest, mode & 0o7777 | 0o700)
+
+

@@ -1,0 +1,77 @@
+"""The agent package as one reproducible zipapp, named by its content hash.
+
+Hosts run `python3 ROOT/agent/<digest>.pyz`: one file to upload, one `test -f` to know it is
+there, and a new version never overwrites one a running job's supervisor still executes. The
+archive is built in memory with sorted entries, a fixed timestamp (1980-01-01, the zip
+epoch), fixed permissions, no bytecode and no compression (zlib's output may differ between
+its versions; the agent is ~100 KB), so the same source always gives the same bytes and the
+same digest, whichever machine or checkout builds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import secrets
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from controller import paths
+
+EPOCH = (1980, 1, 1, 0, 0, 0)
+FILE_MODE = 0o100644 << 16   # a regular file, rw-r--r--, in the zip's external attributes
+# The archive's own entry point: the package's, imported so that it runs as `agent.__main__`.
+MAIN = b"import sys\n\nfrom agent.__main__ import main\n\nsys.exit(main())\n"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    data: bytes
+    digest: str          # first 16 hex of the archive's sha256
+
+    @property
+    def filename(self) -> str:
+        return f"{self.digest}.pyz"
+
+
+def build(package_dir: Path | None = None) -> Bundle:
+    """Zip the package's *.py files (under `agent/` in the archive) plus a top-level
+    __main__.py. Deterministic: see the module doc."""
+    package_dir = Path(package_dir or paths.agent_package())
+    entries = {"__main__.py": MAIN}
+    for path in package_dir.rglob("*.py"):
+        rel = path.relative_to(package_dir)
+        if "__pycache__" not in rel.parts:
+            entries["agent/" + rel.as_posix()] = path.read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=EPOCH)
+            info.external_attr = FILE_MODE
+            info.create_system = 3     # unix, whatever builds it
+            archive.writestr(info, entries[name])
+    data = buf.getvalue()
+    return Bundle(data, hashlib.sha256(data).hexdigest()[:16])
+
+
+@lru_cache(maxsize=1)
+def bundle() -> Bundle:
+    """The agent of this controller process, built once (the source does not change under a
+    running controller; tests that need a fresh build call `build`)."""
+    return build()
+
+
+def cached_file(directory: Path, the_bundle: Bundle | None = None) -> Path:
+    """The bundle as a file `directory/<digest>.pyz` (written once: temp name, then rename),
+    for running the agent on this machine."""
+    the_bundle = the_bundle or bundle()
+    path = Path(directory) / the_bundle.filename
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.write_bytes(the_bundle.data)
+        tmp.replace(path)
+    return path
