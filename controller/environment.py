@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controller.runtimes import RUNTIMES
 from controller.entrypoint import dockerfile_entry, find_dockerfile, metadata_entry
 from controller.errors import ConfigError, CubeError
 from controller.yamlsource import (Source, kind_of, mapping_field, optional_str,
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from controller.cube import Cube
 
 METADATA_FILE = "metadata.yaml"
-RUNTIMES = ("python", "docker")
 METADATA_KEYS = ("name", "description", "authors", "framework", "model", "dataset",
                  "training_params", "entry_point", "output_folder", "runtime", "playbooks",
                  "requirements_file", "version", "license", "tags")
@@ -220,9 +220,9 @@ def choose_runtime(cube: Cube, requested: str | None = None) -> tuple[str, str]:
 
 
 def _check_runnable(cube: Cube, runtime: str) -> None:
-    if runtime == "docker" and not cube.docker:
-        raise ConfigError(cube.mlcube_file, "has no 'docker:' section, so the docker runtime "
-                          "cannot run it.", "Add 'docker: {image: name:tag}' to mlcube.yaml, or "
+    if runtime in ("docker", "podman") and not cube.docker:
+        raise ConfigError(cube.mlcube_file, f"has no 'docker:' section, so the {runtime} "
+                          "runtime cannot run it.", "Add 'docker: {image: name:tag}' to mlcube.yaml, or "
                           "use --runtime python.", field="docker")
     if runtime == "python" and not cube.env.has_python_entry():
         raise ConfigError(cube.metadata_file or cube.root / METADATA_FILE,

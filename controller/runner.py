@@ -21,13 +21,12 @@ LINGER_S = 1.0  # how long a finished task's leftovers may keep writing
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 
 
-def task_log_path(cube, task: str, overrides: dict[str, str] | None = None) -> Path:
+def task_log_path(cube, params, task: str) -> Path:
     """`<log_dir>/cube-<task>-<UTC time>.log` when the task has a `log_dir` output, else
-    `<workspace>/logs/`; an existing name (same second) gets a numeric suffix."""
-    from controller.taskargs import apply_param_overrides
-
+    `<workspace>/logs/`; an existing name (same second) gets a numeric suffix. `params` are
+    the task's parameters with the run's overrides applied (controller.plan.TaskPlan)."""
     folder = cube.workspace / "logs"
-    for p in apply_param_overrides(cube, task, overrides or {}):
+    for p in params:
         if p.name == "log_dir" and p.io == "output":
             folder = p.path if p.type == "directory" else p.path.parent
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,18 @@
-"""Task arguments: the ONE place that turns (cube, task, overrides) into a command line.
+"""Task arguments: the ONE place that turns a task and its parameters into a command line.
 
-Local, remote and docker runs all call `task_argv`; they differ only in `path_for`, which maps
-a parameter to the path the task sees (a job folder on a host, a mount point in a container).
-The command is `ENTRY TASK --name=path ...`, inputs first, then outputs, as MLCube passes them.
+Overrides are applied once, by controller.plan.plan_job (with `overrides_for` and
+`apply_param_overrides` below); what follows reads the resolved parameters. Local, remote and
+container runs all call `task_argv`; they differ only in `path_for`, which maps a parameter to
+the path the task sees (a job folder on a host, a mount point in a container). The command is
+`ENTRY TASK --name=path ...`, inputs first, then outputs, as MLCube passes them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
-from controller.cube import Cube, Param, Task, split_override, make_param
+from controller.cube import Cube, Param, Task, make_param, split_override
 from controller.errors import CubeError
 
 
@@ -67,14 +69,15 @@ def _unknown_param(cube: Cube, name: str, task: str, valid: list[str]) -> CubeEr
                      f"Valid parameters: {', '.join(valid) or '(none)'}.")
 
 
-def task_argv(cube: Cube, task_name: str, overrides: dict[str, str] | None = None,
+def task_argv(cube: Cube, task_name: str, params: Sequence[Param] | None = None,
               path_for: Callable[[Param], str] = lambda p: str(p.path),
               with_entry: bool = True) -> list[str]:
-    """entry + [task] + --name=path for inputs, then outputs. A task with its own MLCube
+    """entry + [task] + --name=path for inputs, then outputs. `params` are the task's
+    parameters as resolved by the job plan (default: as declared). A task with its own MLCube
     `entrypoint` runs that instead of the entry, and (as in MLCube) gets no task name.
     `with_entry=False` leaves the entry out: the arguments after an image's ENTRYPOINT."""
     task = cube.task(task_name)
-    params = apply_param_overrides(cube, task, overrides or {})
+    params = task.params if params is None else params
     if task.entry:
         head = list(task.entry) if with_entry else []
     else:
@@ -83,13 +86,12 @@ def task_argv(cube: Cube, task_name: str, overrides: dict[str, str] | None = Non
     return head + [f"--{p.name}={path_for(p)}" for p in ordered]
 
 
-def prepare_outputs(cube: Cube, task_name: str, overrides: dict[str, str] | None = None,
-                    root: Path | None = None) -> list[Path]:
+def prepare_outputs(params: Sequence[Param], root: Path | None = None) -> list[Path]:
     """Create output folders and the parent folders of file outputs; returns the folders.
     With `root`, workspace-relative outputs are made under root instead (a job's own copy);
     outputs outside the workspace are left to whoever maps them."""
     made = []
-    for p in apply_param_overrides(cube, task_name, overrides or {}):
+    for p in params:
         if p.io != "output":
             continue
         if root is not None and p.rel is None:
@@ -101,15 +103,15 @@ def prepare_outputs(cube: Cube, task_name: str, overrides: dict[str, str] | None
     return made
 
 
-def check_inputs(cube: Cube, task_name: str, overrides: dict[str, str] | None = None) -> None:
+def check_inputs(cube: Cube, task_name: str, params: Sequence[Param]) -> None:
     """Refuse to start when an input is missing or of the wrong kind, naming the parameter,
     the path and, when another task writes that path, the task to run first."""
-    for p in apply_param_overrides(cube, task_name, overrides or {}):
+    for p in params:
         if p.io != "input":
             continue
         if not p.path.exists():
             raise CubeError(f"Input '{p.name}' of task '{task_name}' does not exist: {p.path}",
-                            _missing_hint(cube, task_name, p))
+                            missing_input_hint(cube, task_name, p))
         if p.type == "directory" and not p.path.is_dir():
             raise CubeError(f"Input '{p.name}' of task '{task_name}' must be a directory, "
                             f"but {p.path} is a file.", f"Pass a folder: {p.name}=PATH/.")
@@ -118,7 +120,7 @@ def check_inputs(cube: Cube, task_name: str, overrides: dict[str, str] | None = 
                             f"but {p.path} is a directory.", f"Pass a file: {p.name}=PATH.")
 
 
-def _missing_hint(cube: Cube, task_name: str, param: Param) -> str:
+def missing_input_hint(cube: Cube, task_name: str, param: Param) -> str:
     producers = [t.name for t in cube.tasks.values() if t.name != task_name
                  and any(o.path == param.path for o in t.outputs)]
     if producers:

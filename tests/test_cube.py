@@ -316,7 +316,7 @@ def test_unknown_interpreter_is_a_config_error(tmp_path):
 def test_unknown_metadata_runtime_lists_valid_runtimes(tmp_path):
     err = config_error(make_cube(tmp_path, metadata=METADATA + "runtime: conda\n"))
     assert err.field == "runtime" and err.line == 5
-    assert err.hint == "Valid runtimes: python, docker."
+    assert err.hint == "Valid runtimes: python, docker, podman."
 
 
 def test_entry_point_that_is_not_in_the_cube_is_an_error(tmp_path):
@@ -482,7 +482,10 @@ def test_cli_describe_shows_tasks_paths_and_environment():
     assert "task greet" in out and "task summarize" in out
     assert str(HELLO / "workspace" / "names.yaml") in out and "ro" in out
     assert "python (metadata.yaml declares a python framework.runtime)" in out
-    assert load_cube(HELLO).env.env_hash() in out
+    from controller.runtimes.python import local_env_dir
+
+    # the hash a local run uses: keyed on the interpreter found here, as on hosts
+    assert local_env_dir(load_cube(HELLO)).name in out
     assert "python3 hello.py greet --names=" in out
 
 

@@ -175,26 +175,38 @@ def test_unknown_runtime_is_refused(runtime):
 CALLS: list[tuple[str, dict]] = []
 
 
-def recording_runtime(cube, task, overrides, *, log, grace) -> int:
-    CALLS.append((task, overrides))
-    return 5 if task == "summarize" else 0
+class RecordingRuntime:
+    """A runtime that records what the plan gave each task and runs `exit 5` for summarize."""
+
+    name = "recording"
+
+    def prepare(self, plan, target, layout, facts, log, *, dry_run=False):
+        from controller.runtimes.base import LaunchSpec, TaskLaunch
+
+        tasks = []
+        for task in plan.tasks:
+            CALLS.append((task.name, task.overrides))
+            code = 5 if task.name == "summarize" else 0
+            tasks.append(TaskLaunch(task.name, ["sh", "-c", f"exit {code}"], layout.cube_dir))
+        return LaunchSpec(self.name, tasks)
 
 
 def test_runtime_registry_dispatches_by_name_with_per_task_overrides(tmp_path, monkeypatch):
-    from controller.cube import load_cube
+    from controller import local
     from controller.errors import CubeError, TaskFailed
-    from controller.runtimes import RUNTIMES, get_runtime, run_tasks
+    from controller.runtimes import RUNTIMES, get_runtime
 
-    monkeypatch.setitem(RUNTIMES, "recording", f"{__name__}:recording_runtime")
+    monkeypatch.setitem(RUNTIMES, "recording", f"{__name__}:RecordingRuntime")
     ws = copy_workspace(REPO / "cubes" / "hello" / "workspace", tmp_path / "ws")
     (ws / "greetings").mkdir()
-    cube = load_cube(REPO / "cubes" / "hello", workspace=ws)
     CALLS.clear()
+    req = local.LocalRequest(REPO / "cubes" / "hello", "greet,summarize",
+                             {"names": str(ws / "names.yaml")}, runtime="recording",
+                             workspace=ws)
     with pytest.raises(TaskFailed) as err:
-        run_tasks(cube, ["greet", "summarize"], {"names": str(ws / "names.yaml")},
-                  runtime="recording", log=lambda _m: None)
+        local.run(req, lambda _m: None)
     assert err.value.code == 5 and err.value.exit_code == 5
     assert CALLS == [("greet", {"names": str(ws / "names.yaml")}), ("summarize", {})]
     with pytest.raises(CubeError) as unknown:
         get_runtime("nosuch")
-    assert "Valid runtimes: python, docker" in str(unknown.value)
+    assert "Valid runtimes: python, docker, podman" in str(unknown.value)

@@ -113,23 +113,29 @@ def test_signal_stops_the_whole_group_with_sigkill_after_the_grace(tmp_path, sig
     assert "ready" in log.read_text()
 
 
+def params(cube, task, overrides=None):
+    from controller.taskargs import apply_param_overrides
+
+    return apply_param_overrides(cube, task, overrides or {})
+
+
 def test_log_path_uses_the_tasks_log_dir_output(tmp_path):
     from controller.cube import load_cube
 
     cube = load_cube(REPO / "tests" / "cubes" / "legacy", workspace=tmp_path / "ws")
-    path = task_log_path(cube, "train")
+    path = task_log_path(cube, params(cube, "train"), "train")
     assert path.parent == tmp_path / "ws" / "logs" and path.name.startswith("cube-train-")
-    moved = task_log_path(cube, "train", {"log_dir": str(tmp_path / "elsewhere")})
+    moved = task_log_path(cube, params(cube, "train", {"log_dir": str(tmp_path / "elsewhere")}), "train")
     assert moved.parent == tmp_path / "elsewhere"
     path.touch()
-    assert task_log_path(cube, "train") != path  # same second: a new name, never appended
+    assert task_log_path(cube, params(cube, "train"), "train") != path  # same second: a new name, never appended
 
 
 def test_log_path_defaults_to_workspace_logs(tmp_path):
     from controller.cube import load_cube
 
     cube = load_cube(REPO / "cubes" / "hello", workspace=tmp_path / "ws")
-    path = task_log_path(cube, "greet")
+    path = task_log_path(cube, params(cube, "greet"), "greet")
     assert path.parent == tmp_path / "ws" / "logs" and path.suffix == ".log"
 
 

@@ -29,6 +29,11 @@ def copy_cube(name: str, tmp_path: Path) -> Path:
     return dst
 
 
+def params(cube, task, overrides=None):
+    """The task's parameters with overrides applied, as the job plan resolves them."""
+    return apply_param_overrides(cube, task, overrides or {})
+
+
 def test_argv_is_entry_task_then_inputs_then_outputs(demo):
     ws = demo.workspace
     assert task_argv(demo, "train") == [
@@ -58,7 +63,7 @@ def test_task_entrypoint_replaces_entry_and_task_name(tmp_path):
 
 
 def test_param_override_resolves_against_the_workspace(demo, tmp_path):
-    argv = task_argv(demo, "train", {"data": "other/", "model": str(tmp_path / "m")})
+    argv = task_argv(demo, "train", params(demo, "train", {"data": "other/", "model": str(tmp_path / "m")}))
     assert f"--data={demo.workspace / 'other'}" in argv
     assert argv[-1] == f"--model={tmp_path / 'm'}"
     model = apply_param_overrides(demo, "train", {"model": str(tmp_path / "m")})[-1]
@@ -75,14 +80,14 @@ def test_override_keeps_declared_type_and_reinfers_an_inferred_one(demo, tmp_pat
 
 def test_unknown_param_override_lists_valid_names(demo):
     with pytest.raises(CubeError) as info:
-        task_argv(demo, "train", {"modle": "x"})
+        task_argv(demo, "train", params(demo, "train", {"modle": "x"}))
     assert info.value.message == "Task 'train' of cube 'demo' has no parameter 'modle'."
     assert info.value.hint == "Valid parameters: config, data, model."
 
 
 def test_empty_override_value_is_refused(demo):
     with pytest.raises(CubeError, match="empty path"):
-        task_argv(demo, "train", {"model": ""})
+        task_argv(demo, "train", params(demo, "train", {"model": ""}))
 
 
 def test_parse_param_overrides_splits_on_the_first_equals():
@@ -113,24 +118,24 @@ def test_prepare_outputs_makes_folders_and_parents_of_files(tmp_path):
     mlcube = MLCUBE.replace("{type: directory, default: model}",
                             "{type: file, default: out/model.keras}")
     cube = load_cube(make_cube(tmp_path, mlcube))
-    made = prepare_outputs(cube, "train")
+    made = prepare_outputs(params(cube, "train"))
     assert made == [cube.workspace / "out"]
     assert (cube.workspace / "out").is_dir() and not (cube.workspace / "out/model.keras").exists()
-    prepare_outputs(cube, "prep", {"data": "deep/er/data/"})
+    prepare_outputs(params(cube, "prep", {"data": "deep/er/data/"}))
     assert (cube.workspace / "deep/er/data").is_dir()
 
 
 def test_prepare_outputs_under_another_root_skips_outside_paths(demo, tmp_path):
     job = tmp_path / "job"
-    made = prepare_outputs(demo, "prep", root=job)
+    made = prepare_outputs(params(demo, "prep"), root=job)
     assert made == [job / "data"] and (job / "data").is_dir()
     assert not (demo.workspace / "data").exists()
-    assert prepare_outputs(demo, "prep", {"data": str(tmp_path / "abs/")}, root=job) == []
+    assert prepare_outputs(params(demo, "prep", {"data": str(tmp_path / "abs/")}), root=job) == []
 
 
 def test_missing_input_names_param_path_and_producing_task(demo):
     with pytest.raises(CubeError) as info:
-        check_inputs(demo, "train")
+        check_inputs(demo, "train", params(demo, "train"))
     assert info.value.message == (f"Input 'data' of task 'train' does not exist: "
                                   f"{demo.workspace / 'data'}")
     assert info.value.hint == "Task 'prep' writes it: run it first (--task prep,train)."
@@ -138,7 +143,7 @@ def test_missing_input_names_param_path_and_producing_task(demo):
 
 def test_missing_input_without_producer_suggests_an_override(demo):
     with pytest.raises(CubeError) as info:
-        check_inputs(demo, "prep")
+        check_inputs(demo, "prep", params(demo, "prep"))
     assert "'raw'" in info.value.message and "raw=PATH" in info.value.hint
 
 
@@ -147,12 +152,12 @@ def test_input_of_the_wrong_kind_is_refused(demo):
     (demo.workspace / "data").write_text("not a folder")
     (demo.workspace / "train.yaml").write_text("a: 1\n")
     with pytest.raises(CubeError, match="must be a directory"):
-        check_inputs(demo, "train")
+        check_inputs(demo, "train", params(demo, "train"))
     (demo.workspace / "data").unlink()
     (demo.workspace / "data").mkdir()
-    check_inputs(demo, "train")
+    check_inputs(demo, "train", params(demo, "train"))
     with pytest.raises(CubeError, match="must be a file"):
-        check_inputs(demo, "train", {"config": "data"})
+        check_inputs(demo, "train", params(demo, "train", {"config": "data"}))
 
 
 @pytest.mark.parametrize("name, tasks, expect", [
@@ -162,8 +167,8 @@ def test_input_of_the_wrong_kind_is_refused(demo):
 def test_example_cubes_run_with_the_argv_cube_builds(tmp_path, name, tasks, expect):
     cube = load_cube(copy_cube(name, tmp_path))
     for task in tasks:
-        check_inputs(cube, task)
-        prepare_outputs(cube, task)
+        check_inputs(cube, task, params(cube, task))
+        prepare_outputs(params(cube, task))
         argv = task_argv(cube, task)
         proc = subprocess.run([sys.executable, *argv[1:]], cwd=cube.root, capture_output=True,
                               text=True)

@@ -14,37 +14,46 @@ import typer
 
 from controller.cli import app
 from controller.cube import Cube, Param, load_cube
-from controller.taskargs import apply_param_overrides, overrides_for, parse_param_overrides, split_tasks, task_argv
+from controller.errors import CubeError
+from controller.plan import TaskPlan, plan_job
+from controller.runtimes.python import env_hash_for, local_interpreters, pick_interpreter
+from controller.taskargs import parse_param_overrides, split_tasks, task_argv
 
 
 def describe_cube(cube: Cube, tasks: list[str] | None = None,
                   overrides: dict[str, str] | None = None) -> dict:
-    names = tasks or list(cube.tasks)
-    per_task = overrides_for(cube, names, overrides or {})
+    plan = plan_job(cube, tasks or list(cube.tasks), overrides or {})
     env = cube.env
     return {
         "name": cube.name, "description": cube.description, "root": str(cube.root),
         "workspace": str(cube.workspace),
         "files": {"mlcube": str(cube.mlcube_file),
                   "metadata": str(cube.metadata_file) if cube.metadata_file else None},
-        "tasks": [_task_data(cube, n, per_task[n]) for n in names],
+        "tasks": [_task_data(cube, t) for t in plan.tasks],
         "environment": {
             "runtime": env.runtime, "runtime_reason": env.runtime_reason,
             "interpreter": env.runtime_name, "python_version": env.python_version,
             "framework": env.framework, "requirements": env.requirements,
             "requirements_file": env.requirements_file, "entry": env.entry,
             "entry_source": env.entry_source, "playbooks": env.playbooks,
-            "env_hash": env.env_hash(),
+            "env_hash": _local_env_hash(cube),
         },
         "warnings": list(cube.warnings),
     }
 
 
-def _task_data(cube: Cube, name: str, overrides: dict[str, str]) -> dict:
-    params = apply_param_overrides(cube, name, overrides)
-    return {"name": name, "entrypoint": cube.tasks[name].entrypoint,
-            "params": [_param_data(p) for p in params],
-            "argv": task_argv(cube, name, overrides)}
+def _task_data(cube: Cube, task: TaskPlan) -> dict:
+    return {"name": task.name, "entrypoint": cube.tasks[task.name].entrypoint,
+            "params": [_param_data(p) for p in task.params],
+            "argv": task_argv(cube, task.name, task.params)}
+
+
+def _local_env_hash(cube: Cube) -> str | None:
+    """The env hash a local run would use (it is keyed on the interpreter found here)."""
+    try:
+        return env_hash_for(cube, pick_interpreter(cube.env.python_version, local_interpreters()))
+    except CubeError:
+        return None
 
 
 def _param_data(p: Param) -> dict:

@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
+import secrets
+import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from controller.cube import Param
 from controller.entrypoint import is_python
 from controller.errors import CubeError
 from controller.paths import envs_dir
+from controller.plan import JobLayout, JobPlan, LocalLayout, TaskPlan, output_dirs
+from controller.provision import run_playbook
+from controller.runtimes.base import HostFacts, LaunchSpec, LocalFacts, Log, TaskLaunch
+from controller.target import Target
+from controller.taskargs import task_argv
 
 MIN_VERSION = (3, 8)
 MARKER = "cube-env.json"
@@ -125,106 +135,130 @@ def _ask_version(path: str) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
 
 
-# ---- local environments ----------------------------------------------------------------------
+# ---- the runtime -----------------------------------------------------------------------------
+
+class PythonRuntime:
+    """A venv keyed by the env hash under the target's envs folder (built by
+    playbooks/python.yaml, then the cube's own playbooks), and each task run by the venv's
+    interpreter with the venv first on PATH. The same code serves this machine and hosts."""
+
+    name = "python"
+
+    def prepare(self, plan: JobPlan, target: Target, layout: JobLayout, facts: HostFacts,
+                log: Log, *, dry_run: bool = False) -> LaunchSpec:
+        cube = plan.cube
+        env_dir = provision_env(cube, target, layout, facts, log, dry_run=dry_run)
+        tasks = [TaskLaunch(t.name, python_task_argv(cube, t, env_dir, layout.path_for),
+                            cwd=layout.cube_dir, env=venv_env(env_dir),
+                            path_prepend=[posixpath.join(env_dir, "bin")])
+                 for t in plan.tasks]
+        return LaunchSpec(self.name, tasks, env_key=posixpath.basename(env_dir),
+                          mkdirs=output_dirs(plan, layout))
+
+
+def env_hash_for(cube, interpreter: Interpreter) -> str:
+    """The env hash is keyed on the interpreter actually used (major.minor), on this machine
+    and on hosts alike: a venv is bound to the interpreter that built it, so a cube declaring
+    "3" or nothing gets one env per Python it really runs on, never a 3.10 venv reused by 3.11."""
+    return cube.env.env_hash(".".join(interpreter.version.split(".")[:2]))
+
+
+def provision_env(cube, target: Target, layout: JobLayout, facts: HostFacts, log: Log, *,
+                  dry_run: bool = False) -> str:
+    """The cube's venv on the target, built once, then the cube's own playbooks (metadata.yaml
+    `playbooks:`, whose checks keep reruns cheap). A complete env has its marker (written just
+    before the atomic rename), so reuse costs one command; an env whose base interpreter
+    vanished is moved aside and rebuilt. Returns the env folder on the target."""
+    interpreter = pick_interpreter(cube.env.python_version, facts.pythons)
+    env_hash = env_hash_for(cube, interpreter)
+    env_dir = posixpath.join(layout.envs_dir, env_hash)
+    variables = {"python": interpreter.path, "env_dir": env_dir, "env_hash": env_hash,
+                 "requirements": list(cube.env.requirements), "pip_log": f"{env_dir}.pip.log"}
+    marker, usable = _env_state(target, env_dir)
+    if marker is not None and not usable:
+        log(f"env {env_hash} lost its base interpreter; rebuilding it")
+        if not dry_run:
+            _discard(target, env_dir)
+    if marker is not None and usable:
+        log(f"reusing env {env_hash} (Python {marker.get('python', '?')}, "
+            f"{len(marker.get('requirements', []))} requirements) at {env_dir}")
+    else:
+        log(f"building env {env_hash} with {interpreter.path} "
+            f"({len(cube.env.requirements)} requirements; pip log: {env_dir}.pip.log)")
+        run_playbook("python", variables, target, log, dry_run=dry_run)
+    user_vars = {**variables, "python": posixpath.join(env_dir, "bin", "python"),
+                 "cube_root": layout.cube_dir, "workspace": workspace_on_target(cube, layout)}
+    for book in cube.env.playbooks:
+        run_playbook(book, user_vars, target, log, dry_run=dry_run, base=cube.root)
+    return env_dir
+
+
+def _env_state(target: Target, env_dir: str) -> tuple[dict | None, bool]:
+    """(marker, usable): the env's marker (None: no complete env), and whether its
+    interpreter still runs (a venv's python links to a base Python that may be uninstalled)."""
+    q = shlex.quote(env_dir)
+    result = target.sh(f"cat {q}/{MARKER} 2>/dev/null || exit 3; test -x {q}/bin/python")
+    if result.code == 3:
+        return None, False
+    try:
+        return json.loads(result.stdout), result.code == 0
+    except ValueError:
+        return None, False
+
+
+def _discard(target: Target, env_dir: str) -> None:
+    # Rename first so a concurrent run never sees a half-deleted env under the real name.
+    q, doomed = shlex.quote(env_dir), shlex.quote(f"{env_dir}.broken-{secrets.token_hex(4)}")
+    target.sh(f"mv {q} {doomed} && rm -rf {doomed}", timeout=600)
+
+
+def ensure_local_env(cube, log: Log, *, plan: bool = False) -> Path:
+    """The cube's venv on this machine (what `cube run` provisions), for tools and benches."""
+    from controller.target import LocalTarget  # LocalTarget imports nothing of the runtimes
+
+    layout = LocalLayout(cube.root, envs_dir())
+    return Path(provision_env(cube, LocalTarget(), layout, LocalFacts(), log, dry_run=plan))
+
 
 def local_env_dir(cube) -> Path:
-    return envs_dir() / cube.env.env_hash()
+    """Where this machine's venv for the cube is (or would be)."""
+    interpreter = pick_interpreter(cube.env.python_version, local_interpreters())
+    return envs_dir() / env_hash_for(cube, interpreter)
+
+
+def pick_interpreter(version_req: str | None, candidates: Iterable) -> Interpreter:
+    path = find_interpreter(version_req, _remember(candidates, seen := []))
+    return next(i for i in seen if i.path == path)
+
+
+def _remember(candidates: Iterable, seen: list) -> Iterator[Interpreter]:
+    for candidate in candidates:
+        interp = _coerce(candidate)
+        seen.append(interp)
+        yield interp
+
+
+def workspace_on_target(cube, layout: JobLayout) -> str:
+    """Where the cube's workspace (its inputs) is on the target, for user playbooks."""
+    return getattr(layout, "inputs_dir", None) or str(cube.workspace)
+
+
+def python_task_argv(cube, task: TaskPlan, env_dir: str | Path,
+                     path_for: Callable[[Param], str]) -> list[str]:
+    """task_argv with its interpreter (python, python3, python3.X) replaced by the venv's."""
+    argv = task_argv(cube, task.name, task.params, path_for=path_for)
+    if argv and is_python(argv[0]):
+        argv[0] = posixpath.join(str(env_dir), "bin", "python")
+    return argv
+
+
+def venv_env(env_dir: str) -> dict[str, str]:
+    """On top of the target's environment: the venv, and unbuffered output so logs stream."""
+    return {"VIRTUAL_ENV": env_dir, "PYTHONUNBUFFERED": "1"}
 
 
 def read_marker(env_dir: Path) -> dict | None:
     try:
-        return json.loads((env_dir / MARKER).read_text())
+        return json.loads((Path(env_dir) / MARKER).read_text())
     except (OSError, ValueError):
         return None
-
-
-def ensure_local_env(cube, log: Callable[[str], None] = print, *, plan: bool = False) -> Path:
-    """The cube's venv under $CUBE_HOME/envs/<env hash>, built once. A present marker means a
-    complete env (it is written just before the atomic rename), so reuse costs one file read."""
-    env_dir = local_env_dir(cube)
-    marker = read_marker(env_dir)
-    if marker is not None and not (env_dir / "bin" / "python").exists():
-        log(f"env {env_dir.name} lost its base interpreter; rebuilding it")
-        _discard(env_dir)
-        marker = None
-    if marker is not None:
-        log(f"reusing env {env_dir.name} (Python {marker.get('python', '?')}, "
-            f"{len(marker.get('requirements', []))} requirements) at {env_dir}")
-    else:
-        _build_local_env(cube, env_dir, log, plan)
-    _run_user_playbooks(cube, env_dir, log, plan)
-    return env_dir
-
-
-def _discard(env_dir: Path) -> None:
-    # Rename first so a concurrent run never sees a half-deleted env under the real name.
-    import secrets
-    import shutil
-
-    doomed = env_dir.with_name(f"{env_dir.name}.broken-{secrets.token_hex(4)}")
-    os.replace(env_dir, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _build_local_env(cube, env_dir: Path, log, plan: bool) -> None:
-    from controller.provision import LocalExecutor, run_playbook
-
-    python = find_interpreter(cube.env.python_version, local_interpreters())
-    reqs = list(cube.env.requirements)
-    log(f"building env {env_dir.name} with {python} ({len(reqs)} requirements; "
-        f"pip log: {env_dir}.pip.log)")
-    run_playbook("python", _variables(cube, env_dir, python), LocalExecutor(), log, dry_run=plan)
-
-
-def _variables(cube, env_dir: Path, python: str) -> dict:
-    return {"python": python, "env_dir": str(env_dir), "env_hash": cube.env.env_hash(),
-            "requirements": list(cube.env.requirements), "pip_log": f"{env_dir}.pip.log"}
-
-
-def _run_user_playbooks(cube, env_dir: Path, log, plan: bool) -> None:
-    """metadata.yaml `playbooks:` (paths relative to the cube); their checks keep reruns cheap."""
-    if not cube.env.playbooks:
-        return
-    from controller.provision import LocalExecutor, run_playbook
-
-    variables = {**_variables(cube, env_dir, str(env_dir / "bin" / "python")),
-                 "cube_root": str(cube.root), "workspace": str(cube.workspace)}
-    for book in cube.env.playbooks:
-        run_playbook(book, variables, LocalExecutor(), log, dry_run=plan, base=cube.root)
-
-
-# ---- the task's command ----------------------------------------------------------------------
-
-def python_task_argv(cube, task: str, overrides: dict[str, str] | None, env_dir: str | Path,
-                     path_for: Callable | None = None) -> list[str]:
-    """task_argv with its interpreter (python, python3, python3.X) replaced by the venv's."""
-    from controller.taskargs import task_argv
-
-    kwargs = {"path_for": path_for} if path_for is not None else {}
-    argv = task_argv(cube, task, overrides or {}, **kwargs)
-    if argv and is_python(argv[0]):
-        argv[0] = str(Path(env_dir) / "bin" / "python")
-    return argv
-
-
-def task_env(env_dir: Path) -> dict[str, str]:
-    """The task's environment: the venv first on PATH, unbuffered output so logs stream."""
-    env = dict(os.environ)
-    env["VIRTUAL_ENV"] = str(env_dir)
-    env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("PYTHONHOME", None)
-    return env
-
-
-def run_task(cube, task: str, overrides: dict[str, str], *, log: Callable[[str], None] = print,
-             grace: float = 10.0) -> int:
-    """The python runtime's entry in controller.runtimes.RUNTIMES: provision (or reuse) the
-    venv, then run the task in the cube folder, streaming its output."""
-    from controller.runner import run_process, task_log_path
-
-    env_dir = ensure_local_env(cube, log)
-    argv = python_task_argv(cube, task, overrides, env_dir)
-    log_file = task_log_path(cube, task, overrides)
-    log(f"running {task}: log {log_file}")
-    return run_process(argv, cwd=cube.root, log_file=log_file, env=task_env(env_dir), grace=grace)
