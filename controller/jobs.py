@@ -19,7 +19,7 @@ from pathlib import Path
 from controller import paths
 from controller.errors import CubeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FINAL_STATES = {"succeeded", "failed", "cancelled", "lost"}
 
 # Parameter or variable names whose values must never be stored.
@@ -29,8 +29,15 @@ _COLUMNS = """
     id TEXT PRIMARY KEY, name TEXT, user TEXT, cube TEXT, cube_path TEXT, host TEXT,
     tasks TEXT, params TEXT, env_hash TEXT, runtime TEXT, state TEXT, created_at REAL,
     started_at REAL, ended_at REAL, exit_code INTEGER, remote_dir TEXT, workspace TEXT,
-    outputs TEXT, outputs_pulled INTEGER DEFAULT 0, log_path TEXT, inventory TEXT
+    outputs TEXT, outputs_pulled INTEGER DEFAULT 0, log_path TEXT, inventory TEXT,
+    launcher TEXT DEFAULT 'agent'
 """
+
+# Each entry upgrades the schema from the version before it to its own; a ledger is migrated
+# step by step inside one transaction, so a crash leaves it at its old version, intact.
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE jobs ADD COLUMN launcher TEXT DEFAULT 'agent'"],
+}
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Job:
     outputs_pulled: bool = False
     log_path: str = ""
     inventory: str = ""  # --inventory the job was started with, to reach its host again
+    launcher: str = "agent"  # what started it (controller.launchers)
 
     @property
     def finished(self) -> bool:
@@ -92,13 +100,59 @@ def _from_row(row: sqlite3.Row) -> Job:
 
 
 class Ledger:
+    """The ledger file, opened (and migrated to SCHEMA_VERSION) once per command; use it as a
+    context manager so it is closed."""
+
     def __init__(self, path: Path | None = None):
         self.path = Path(path or paths.ledger_file())
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30)
         self._db.row_factory = sqlite3.Row
-        with self._db:
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({_COLUMNS})")
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        # Explicit BEGIN: sqlite3 would otherwise run the DDL outside any transaction.
+        self._db.isolation_level = None
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._upgrade()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._db.isolation_level = ""
+
+    def _upgrade(self) -> None:
+        exists = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+        if not exists:
+            self._db.execute(f"CREATE TABLE jobs ({_COLUMNS})")
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
+        found = self.version or 1   # version 1 ledgers may not have set user_version
+        if found > SCHEMA_VERSION:
+            raise CubeError(f"The ledger {self.path} has schema version {found}, newer than "
+                            f"this cube understands ({SCHEMA_VERSION}).",
+                            "Upgrade cube, or point CUBE_HOME elsewhere.")
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[version]:
+                self._db.execute(statement)
+        if found != SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def save(self, job: Job) -> None:

@@ -1,10 +1,10 @@
-"""The life of a remote job: connect, ensure agent, probe, sync up, provision, launch, follow,
+"""The life of a remote job: plan, connect, probe, sync up, prepare the runtime, launch, follow,
 pull outputs, record. `attach` resumes following and pulling for a job started earlier.
 
-On the host (ROOT = the host's cube root):
-    ROOT/cubes/<cube>/              cube code (mirror of the local cube, minus its workspace)
-    ROOT/cubes/<cube>/workspace/    the task inputs pushed from the local workspace
-    ROOT/jobs/<job>/workspace/      this job's outputs (two jobs never share outputs)
+Each step goes through a seam: the job plan (controller.plan) says what runs and what travels,
+the runtime (controller.runtimes) prepares the host and returns a launch spec, the launcher
+(controller.launchers) starts it. Nothing here prints: messages and log bytes go to the
+caller's sinks. Each command opens one ledger and closes it.
 """
 
 from __future__ import annotations
@@ -12,20 +12,29 @@ from __future__ import annotations
 import base64
 import os
 import posixpath
-import sys
+import shlex
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, TypeVar
+
+import paramiko
 
 from controller import jobs as ledger_mod
-from controller.errors import CubeError, TaskFailed
+from controller import paths, sync
+from controller.cube import Cube, load_cube
+from controller.errors import CubeError, HostUnreachable, TaskFailed
+from controller.hosts import resolve_host
+from controller.jobs import Job, Ledger
+from controller.launchers import launcher_for
+from controller.plan import HostLayout, JobPlan, plan_job
+from controller.runtimes import get_runtime
+from controller.runtimes.base import ProbedFacts
+from controller.sinks import Sinks
+from controller.transport import ConnectionLost, HostTarget, connect, openssh_shell_argv
 
-Log = Callable[[str], None]
-
-
-def stderr_log(message: str) -> None:
-    print(f"cube: {message}", file=sys.stderr, flush=True)
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,256 +52,109 @@ class RunRequest:
     accept_new_host_key: bool = False
 
 
-# ---- paths on the host ------------------------------------------------------------------------
-
-
 @dataclass
-class RemoteLayout:
-    root: str
-    cube_name: str
+class RunResult:
     job_id: str
-
-    @property
-    def cube_dir(self) -> str:
-        return posixpath.join(self.root, "cubes", self.cube_name)
-
-    @property
-    def inputs_dir(self) -> str:
-        return posixpath.join(self.cube_dir, "workspace")
-
-    @property
-    def job_dir(self) -> str:
-        return posixpath.join(self.root, "jobs", self.job_id)
-
-    @property
-    def outputs_dir(self) -> str:
-        return posixpath.join(self.job_dir, "workspace")
-
-
-def job_params(cube, per_task: dict[str, dict]):
-    """Every (task, param) of the job, with each task's parameter overrides applied."""
-    from controller.taskargs import apply_param_overrides
-
-    return [(t, p) for t, ov in per_task.items() for p in apply_param_overrides(cube, t, ov)]
-
-
-def produced_paths(params) -> set[str]:
-    return {p.rel for _, p in params if p.io == "output"}
-
-
-def pushed_inputs(params) -> list[str]:
-    """Workspace-relative inputs that must travel: not produced by an earlier task of the job."""
-    produced = produced_paths(params)
-    needed = []
-    for task, p in params:
-        if p.io != "input" or p.rel in produced:
-            continue
-        _require_inside_workspace(task, p)
-        if not p.path.exists():
-            raise CubeError(
-                f"Input '{p.name}' of task '{task}' does not exist: {p.path}.",
-                "Create it, point the parameter elsewhere with name=PATH, or add the task that "
-                "produces it to --task.",
-            )
-        needed.append(p.rel)
-    return sorted(set(needed))
-
-
-def _require_inside_workspace(task: str, p) -> None:
-    if p.rel is None:
-        raise CubeError(
-            f"Parameter '{p.name}' of task '{task}' points outside the workspace ({p.path}); "
-            "remote runs sync only the workspace.",
-            "Move the file into the workspace, or use --workspace to choose one that holds it.",
-        )
-
-
-def remote_path_for(params, layout: RemoteLayout):
-    produced = produced_paths(params)
-
-    def path_for(p) -> str:
-        _require_inside_workspace("?", p)
-        base = layout.outputs_dir if (p.io == "output" or p.rel in produced) else layout.inputs_dir
-        return posixpath.join(base, p.rel)
-
-    return path_for
-
-
-def output_rels(params) -> list[str]:
-    return sorted(produced_paths(params))
+    state: str               # the job's state when the command returns (running if detached)
+    exit_code: int           # what the CLI exits with
 
 
 # ---- starting a job ---------------------------------------------------------------------------
 
 
-def run(req: RunRequest, log: Log = stderr_log) -> int:
-    """`cube remote run`: returns the exit code the CLI should exit with."""
-    from controller.cube import load_cube
-    from controller.environment import choose_runtime
-    from controller.taskargs import overrides_for, split_tasks
-
+def run(req: RunRequest, sinks: Sinks) -> RunResult:
+    """`cube remote run`: plan the job, start it on the host, follow it unless detached."""
     cube = load_cube(req.cube_path, workspace=req.workspace,
-                     config_overrides=req.config_overrides)
-    task_names = split_tasks(req.tasks, cube)
-    runtime, why = choose_runtime(cube, req.runtime)
-    per_task = overrides_for(cube, task_names, req.overrides)
-    params = job_params(cube, per_task)
-    inputs = pushed_inputs(params)
-    conn = _connect(req.host, req.inventory, req.accept_new_host_key, log)
-    try:
+                     config_overrides=req.config_overrides, requested_runtime=req.runtime)
+    for warning in cube.warnings:
+        sinks.log(f"warning: {warning}")
+    plan = plan_job(cube, req.tasks, req.overrides)
+    inputs = plan.inputs_to_push()
+    with Ledger() as ledger, _connect(req.host, req.inventory, req.accept_new_host_key,
+                                      sinks.log) as target:
         if req.name:
-            running = _running_job_named(conn, req.name)
+            running = _running_job_named(target, req.name)
             if running:
-                log(f"job '{req.name}' is already running on {req.host} as {running}; attaching")
-                return attach(running, log=log, conn=conn)
-        job = _new_job(cube, req, task_names, runtime, params, conn)
-        log(f"job {job.id}: {', '.join(task_names)} on {req.host} ({runtime}: {why})")
-        layout = RemoteLayout(conn.root, cube.name, job.id)
-        probe = _timed(log, "probe", lambda: conn.agent("probe"))
-        _sync_up(conn, cube, layout, inputs, log)
-        launch_spec = _prepare_runtime(conn, cube, runtime, per_task, params, layout, job,
-                                       probe, log)
-        _launch(conn, job, launch_spec, log)
+                sinks.log(f"job '{req.name}' is already running on {req.host} as {running}; "
+                          "attaching")
+                return _attach(ledger, ledger.get(running), sinks, target)
+        job = _new_job(plan, req, target)
+        sinks.job_started(job.id)
+        sinks.log(f"job {job.id}: {', '.join(plan.task_names)} on {req.host} "
+                  f"({plan.runtime}: {plan.runtime_reason})")
+        _start(ledger, job, plan, inputs, target, sinks.log)
         if req.detach:
-            print(job.id)
-            log(f"detached; follow with `cube remote attach {job.id}`")
-            return 0
-        return _follow_and_finish(conn, job, log)
-    finally:
-        conn.close()
+            sinks.log(f"detached; follow with `cube remote attach {job.id}`")
+            return RunResult(job.id, job.state, 0)
+        return _follow_and_finish(ledger, target, job, sinks)
 
 
-def _connect(host: str, inventory, accept_new: bool, log: Log):
-    from controller.hosts import resolve_host
-    from controller.transport import connect
+def _start(ledger: Ledger, job: Job, plan: JobPlan, inputs: list[str], target: HostTarget,
+           log: Callable[[str], None]) -> None:
+    layout = HostLayout.for_plan(target.root, plan, job.id)
+    facts = ProbedFacts(_timed(log, "probe", lambda: target.agent("probe")))
+    _sync_up(target, plan.cube, layout, inputs, log)
+    start = time.monotonic()
+    spec = get_runtime(plan.runtime).prepare(plan, target, layout, facts, log)
+    log(f"prepare {plan.runtime}: {time.monotonic() - start:.2f}s")
+    job.env_hash = spec.env_key
+    state = launcher_for(target).launch(target, job.id, job.name, spec)
+    job.state = state.get("state", "running")
+    job.started_at = time.time()
+    ledger.save(job)
+    if job.state not in ("pending", "queued", "running"):
+        log(f"job {job.id} did not start: {state}")
 
+
+def _connect(host: str, inventory: Path | None, accept_new: bool,
+             log: Callable[[str], None]) -> HostTarget:
     spec = resolve_host(host, inventory)
     return _timed(log, f"connect {host}", lambda: connect(spec, accept_new_host_key=accept_new))
 
 
-def _timed(log: Log, what: str, fn):
+def _timed(log: Callable[[str], None], what: str, fn: Callable[[], T]) -> T:
     start = time.monotonic()
     result = fn()
     log(f"{what}: {time.monotonic() - start:.2f}s")
     return result
 
 
-def _running_job_named(conn, name: str) -> str | None:
-    jobs = conn.agent("list-jobs", "--name", name).get("jobs", [])
-    running = [j for j in jobs if j.get("state") in ("pending", "running")]
+def _running_job_named(target: HostTarget, name: str) -> str | None:
+    found = target.agent("list-jobs", "--name", name).get("jobs", [])
+    running = [j for j in found if j.get("state") in ("pending", "queued", "running")]
     return running[0]["job_id"] if running else None
 
 
-def _new_job(cube, req: RunRequest, task_names, runtime, params, conn) -> ledger_mod.Job:
-    job = ledger_mod.Job(
-        id=ledger_mod.new_job_id(cube.name), cube=cube.name, host=req.host, tasks=task_names,
-        name=req.name, cube_path=str(cube.root), params=dict(req.overrides),
-        env_hash=cube.env.env_hash(), runtime=runtime, remote_dir=conn.root,
-        workspace=str(cube.workspace), outputs=output_rels(params),
-        inventory=str(req.inventory or ""),
-    )
-    job.log_path = str(_local_log_path(job.id))
-    _CURRENT["job"] = job.id
+def _new_job(plan: JobPlan, req: RunRequest, target: HostTarget) -> Job:
+    cube = plan.cube
+    job = Job(id=ledger_mod.new_job_id(cube.name), cube=cube.name, host=req.host,
+              tasks=plan.task_names, name=req.name, cube_path=str(cube.root),
+              params=dict(req.overrides), runtime=plan.runtime, remote_dir=target.root,
+              workspace=str(cube.workspace), outputs=plan.outputs_to_pull,
+              inventory=str(req.inventory or ""), launcher="agent")
+    job.log_path = str(paths.cube_home() / "jobs" / job.id / "output.log")
     return job
 
 
-_CURRENT: dict[str, str] = {}
-
-
-def last_job_hint() -> str:
-    job = _CURRENT.get("job")
-    return f"Reattach with `cube remote attach {job}`." if job else ""
-
-
-def _local_log_path(job_id: str) -> Path:
-    from controller import paths
-
-    return paths.cube_home() / "jobs" / job_id / "output.log"
-
-
-def _sync_up(conn, cube, layout: RemoteLayout, inputs: list[str], log: Log) -> None:
-    from controller import sync
-
-    code = sync.push(conn, cube.root, layout.cube_dir, exclude=_workspace_inside(cube))
+def _sync_up(target: HostTarget, cube: Cube, layout: HostLayout, inputs: list[str],
+             log: Callable[[str], None]) -> None:
+    code = sync.push(target, cube.root, layout.cube_dir, exclude=_workspace_inside(cube))
     log(f"sync code: {describe_sync(code)}")
     if inputs:
-        data = sync.push(conn, cube.workspace, layout.inputs_dir, paths=inputs, delete=False)
+        data = sync.push(target, cube.workspace, layout.inputs_dir, paths=inputs, delete=False)
         log(f"sync inputs: {describe_sync(data)}")
 
 
-def describe_sync(report) -> str:
+def describe_sync(report: sync.SyncReport) -> str:
     return (f"{report.files_sent} files, {report.bytes_sent:,} bytes sent, "
             f"{report.files_deleted} deleted, {report.seconds:.2f}s")
 
 
-def _workspace_inside(cube) -> list[str]:
+def _workspace_inside(cube: Cube) -> list[str]:
     try:
         return [cube.workspace.relative_to(cube.root).as_posix()]
     except ValueError:
         return []
-
-
-def _prepare_runtime(conn, cube, runtime, per_task, params, layout, job, probe,
-                     log: Log) -> dict:
-    from controller.runtimes.python import python_task_argv
-
-    path_for = remote_path_for(params, layout)
-    if runtime == "docker":
-        from controller.runtimes import docker
-
-        return docker.remote_launch_spec(conn, cube, per_task, path_for, layout, job.id,
-                                         probe, log)
-    env_dir, job.env_hash = _provision_python(conn, cube, probe, layout, log)
-    tasks = [{"name": name, "argv": python_task_argv(cube, name, overrides, env_dir, path_for),
-              "cwd": layout.cube_dir} for name, overrides in per_task.items()]
-    return {"tasks": tasks, "mkdirs": _output_dirs(params, path_for)}
-
-
-def _output_dirs(params, path_for) -> list[str]:
-    dirs = set()
-    for _, p in params:
-        if p.io == "output":
-            target = path_for(p)
-            dirs.add(target if p.type == "directory" else posixpath.dirname(target))
-    return sorted(dirs)
-
-
-def _provision_python(conn, cube, probe, layout: RemoteLayout, log: Log) -> tuple[str, str]:
-    from controller.provision import run_playbook
-    from controller.runtimes.python import find_interpreter
-
-    found = probe.get("python", [])
-    interpreter = find_interpreter(cube.env.python_version, found)
-    version = next(i["version"] for i in found if i["path"] == interpreter)
-    env_hash = cube.env.env_hash(".".join(str(version).split(".")[:2]))
-    env_dir = posixpath.join(conn.root, "envs", env_hash)
-    variables = {
-        "python": interpreter, "env_dir": env_dir, "env_hash": env_hash,
-        "requirements": list(cube.env.requirements), "pip_log": env_dir + ".pip.log",
-    }
-    start = time.monotonic()
-    run_playbook("python", variables, conn, log=log)
-    # User playbooks see the same variables as in a local run: the venv's interpreter, the cube.
-    user_vars = {**variables, "python": posixpath.join(env_dir, "bin", "python"),
-                 "cube_root": layout.cube_dir, "workspace": layout.inputs_dir}
-    for playbook in cube.env.playbooks:
-        run_playbook(str(cube.root / playbook), user_vars, conn, log=log)
-    log(f"provision python env {env_hash}: {time.monotonic() - start:.2f}s")
-    return env_dir, env_hash
-
-
-def _launch(conn, job: ledger_mod.Job, spec: dict, log: Log) -> None:
-    import json
-
-    payload = {"job_id": job.id, "name": job.name, "tasks": spec["tasks"],
-               "env": spec.get("env", {}), "mkdirs": spec.get("mkdirs", []),
-               "docker_container": spec.get("docker_container")}
-    state = conn.agent("launch", input=json.dumps(payload).encode())
-    job.state = state.get("state", "running")
-    job.started_at = time.time()
-    ledger_mod.Ledger().save(job)
-    if job.state not in ("pending", "running"):
-        log(f"job {job.id} did not start: {state}")
 
 
 # ---- following a job --------------------------------------------------------------------------
@@ -302,15 +164,17 @@ def _launch(conn, job: ledger_mod.Job, spec: dict, log: Log) -> None:
 FOLLOW_WINDOW_S = float(os.environ.get("CUBE_FOLLOW_WINDOW", 20))
 READ_TIMEOUT_S = FOLLOW_WINDOW_S + max(5.0, FOLLOW_WINDOW_S)
 RECONNECT_BUDGET_S = float(os.environ.get("CUBE_RECONNECT_BUDGET", 600))
+CONNECTION_ERRORS = (socket.error, socket.timeout, EOFError, paramiko.SSHException,
+                     ConnectionError, ConnectionLost)
 
 
-def _follow_and_finish(conn, job: ledger_mod.Job, log: Log) -> int:
-    state = _follow(conn, job, log)
-    _finish(conn, job, state, log)
-    return _exit_code(job, log)
+def _follow_and_finish(ledger: Ledger, target: HostTarget, job: Job, sinks: Sinks) -> RunResult:
+    state = _follow(target, job, sinks)
+    _finish(ledger, target, job, state, sinks.log)
+    return RunResult(job.id, job.state, _exit_code(job, sinks.log))
 
 
-def _follow(conn, job: ledger_mod.Job, log: Log) -> dict:
+def _follow(target: HostTarget, job: Job, sinks: Sinks) -> dict:
     """Stream the job's log from where the local copy ends until the job is final; reconnect
     on a dropped link. The local log file's size IS the offset, so no byte is lost or doubled,
     even across a killed controller."""
@@ -319,41 +183,29 @@ def _follow(conn, job: ledger_mod.Job, log: Log) -> dict:
     with open(path, "ab") as out:
         while True:
             try:
-                answer = _read_log(conn, job.id, out.tell())
-            except _connection_errors() as err:
-                log(f"connection to {job.host} lost ({type(err).__name__}: {err}); reconnecting")
-                _reconnect(conn, log)
+                answer = _read_log(target, job.id, out.tell())
+            except CONNECTION_ERRORS as err:
+                sinks.log(f"connection to {job.host} lost ({type(err).__name__}: {err}); "
+                          "reconnecting")
+                _reconnect(target, sinks.log)
                 continue
-            _append_log(out, base64.b64decode(answer["data"]))
+            _append_log(out, base64.b64decode(answer["data"]), sinks)
             if answer["done"]:
                 return answer["state"]
 
 
-def _read_log(conn, job_id: str, offset: int) -> dict:
+def _read_log(target: HostTarget, job_id: str, offset: int) -> dict:
     """One long poll: returns as soon as the log grows or the job ends. Its timeout is how a
     dead link (silent for minutes at the TCP level) is told from a quiet task."""
-    return conn.agent("read-log", job_id, "--offset", str(offset), "--wait",
-                      str(FOLLOW_WINDOW_S), timeout=READ_TIMEOUT_S)
+    return target.agent("read-log", job_id, "--offset", str(offset), "--wait",
+                        str(FOLLOW_WINDOW_S), timeout=READ_TIMEOUT_S)
 
 
-def _connection_errors() -> tuple:
-    import socket
-
-    import paramiko
-
-    from controller.transport import ConnectionLost
-
-    return (socket.error, socket.timeout, EOFError, paramiko.SSHException, ConnectionError,
-            ConnectionLost)
-
-
-def _reconnect(conn, log: Log) -> None:
-    from controller.errors import HostUnreachable
-
+def _reconnect(target: HostTarget, log: Callable[[str], None]) -> None:
     deadline = time.monotonic() + RECONNECT_BUDGET_S
     while True:
         try:
-            conn.reconnect()
+            target.reconnect()
             log("reconnected")
             return
         except HostUnreachable:
@@ -362,25 +214,25 @@ def _reconnect(conn, log: Log) -> None:
             time.sleep(2)
 
 
-def _finish(conn, job: ledger_mod.Job, state: dict, log: Log) -> None:
+def _finish(ledger: Ledger, target: HostTarget, job: Job, state: dict,
+            log: Callable[[str], None]) -> None:
     job.state = state.get("state", job.state)
     job.exit_code = state.get("exit_code")
     job.ended_at = time.time()
-    ledger_mod.Ledger().save(job)
-    pull_outputs(conn, job, log)
+    ledger.save(job)
+    pull_outputs(ledger, target, job, log)
 
 
-def pull_outputs(conn, job: ledger_mod.Job, log: Log) -> None:
-    from controller import sync
-
-    outputs_dir = RemoteLayout(job.remote_dir, job.cube, job.id).outputs_dir
-    report = sync.pull(conn, outputs_dir, Path(job.workspace), paths=job.outputs)
+def pull_outputs(ledger: Ledger, target: HostTarget, job: Job,
+                 log: Callable[[str], None]) -> None:
+    outputs_dir = HostLayout(job.remote_dir, job.cube, job.id).outputs_dir
+    report = sync.pull(target, outputs_dir, Path(job.workspace), paths=job.outputs)
     log(f"pulled outputs into {job.workspace}: {describe_sync(report)}")
     job.outputs_pulled = True
-    ledger_mod.Ledger().save(job)
+    ledger.save(job)
 
 
-def _exit_code(job: ledger_mod.Job, log: Log) -> int:
+def _exit_code(job: Job, log: Callable[[str], None]) -> int:
     log(f"job {job.id} {job.state}" + (f" (exit {job.exit_code})" if job.exit_code else ""))
     if job.state == "succeeded":
         return 0
@@ -398,89 +250,76 @@ def _exit_code(job: ledger_mod.Job, log: Log) -> int:
 # ---- jobs started earlier -----------------------------------------------------------------------
 
 
-def connect_for(job: ledger_mod.Job, log: Log = stderr_log):
+def connect_for(job: Job, log: Callable[[str], None]) -> HostTarget:
     return _connect(job.host, Path(job.inventory) if job.inventory else None, False, log)
 
 
-def attach(ref: str, log: Log = stderr_log, conn=None) -> int:
+def attach(ref: str, sinks: Sinks) -> RunResult:
     """Follow a job to its end and pull its outputs (again if needed)."""
-    job = ledger_mod.Ledger().get(ref)
-    _CURRENT["job"] = job.id
-    own = conn is None
-    conn = conn or connect_for(job, log)
-    try:
-        return _follow_and_finish(conn, job, log)
-    finally:
-        if own:
-            conn.close()
+    with Ledger() as ledger:
+        job = ledger.get(ref)
+        sinks.job_started(job.id)
+        with connect_for(job, sinks.log) as target:
+            return _attach(ledger, job, sinks, target)
+
+
+def _attach(ledger: Ledger, job: Job, sinks: Sinks, target: HostTarget) -> RunResult:
+    return _follow_and_finish(ledger, target, job, sinks)
 
 
 def status(ref: str) -> dict:
-    job = ledger_mod.Ledger().get(ref)
-    conn = connect_for(job, lambda _m: None)
-    try:
-        state = conn.agent("status", job.id)
-    finally:
-        conn.close()
-    if state.get("state") != job.state and job.state not in ledger_mod.FINAL_STATES:
-        job.state, job.exit_code = state.get("state"), state.get("exit_code")
-        ledger_mod.Ledger().save(job)
+    with Ledger() as ledger:
+        job = ledger.get(ref)
+        with connect_for(job, lambda _m: None) as target:
+            state = target.agent("status", job.id)
+        if state.get("state") != job.state and not job.finished:
+            job.state, job.exit_code = state.get("state"), state.get("exit_code")
+            ledger.save(job)
     return {"job": job.id, "host": job.host, **state}
 
 
-def cancel(ref: str, grace: float, log: Log = stderr_log) -> dict:
-    job = ledger_mod.Ledger().get(ref)
-    conn = connect_for(job, log)
-    try:
-        state = conn.agent("cancel", job.id, "--grace", str(grace))
-    finally:
-        conn.close()
-    job.state, job.exit_code = state.get("state", job.state), state.get("exit_code")
-    ledger_mod.Ledger().save(job)
+def cancel(ref: str, grace: float, log: Callable[[str], None]) -> dict:
+    with Ledger() as ledger:
+        job = ledger.get(ref)
+        with connect_for(job, log) as target:
+            state = target.agent("cancel", job.id, "--grace", str(grace))
+        job.state, job.exit_code = state.get("state", job.state), state.get("exit_code")
+        ledger.save(job)
     return state
 
 
-def fetch(ref: str, log: Log = stderr_log) -> None:
-    job = ledger_mod.Ledger().get(ref)
-    conn = connect_for(job, log)
-    try:
-        pull_outputs(conn, job, log)
-    finally:
-        conn.close()
+def fetch(ref: str, log: Callable[[str], None]) -> None:
+    with Ledger() as ledger:
+        job = ledger.get(ref)
+        with connect_for(job, log) as target:
+            pull_outputs(ledger, target, job, log)
 
 
-def logs(ref: str, follow: bool, log: Log = stderr_log) -> None:
-    """Print the job's log: the local copy, then (with -f, or if the job may have more) the rest."""
-    job = ledger_mod.Ledger().get(ref)
+def logs(ref: str, follow: bool, sinks: Sinks) -> None:
+    """The job's log: the local copy, then (with follow, or if the job may have more) the rest."""
+    with Ledger() as ledger:
+        job = ledger.get(ref)
     path = Path(job.log_path)
     if path.exists():
-        sys.stdout.buffer.write(path.read_bytes())
-        sys.stdout.buffer.flush()
+        sinks.output(path.read_bytes())
     if job.finished and not follow and job.outputs_pulled:
         return
-    conn = connect_for(job, log)
-    try:
+    with connect_for(job, sinks.log) as target:
         if follow:
-            _follow(conn, job, log)
+            _follow(target, job, sinks)
         else:
-            _copy_new_log(conn, job, path)
-    finally:
-        conn.close()
+            _copy_new_log(target, job, path, sinks)
 
 
 def shell_argv(ref: str) -> list[str]:
     """OpenSSH's client gives a real TTY; host keys are checked against the same files."""
-    import shlex
-
-    from controller.hosts import resolve_host
-    from controller.transport import openssh_shell_argv
-
-    job = ledger_mod.Ledger().get(ref)
+    with Ledger() as ledger:
+        job = ledger.get(ref)
     spec = resolve_host(job.host, Path(job.inventory) if job.inventory else None)
-    layout = RemoteLayout(job.remote_dir, job.cube, job.id)
+    layout = HostLayout(job.remote_dir, job.cube, job.id)
     rc = ["[ -f ~/.bashrc ] && . ~/.bashrc"]  # the user's own setup first, then the env on top
     if job.runtime == "python":
-        env = posixpath.join(job.remote_dir, "envs", job.env_hash)
+        env = posixpath.join(layout.envs_dir, job.env_hash)
         rc.append(f"export VIRTUAL_ENV={shlex.quote(env)} PATH={shlex.quote(env)}/bin:\"$PATH\"")
     rc_file = posixpath.join(layout.job_dir, ".cube-shellrc")
     remote_cmd = (f"cd {shlex.quote(layout.job_dir)} && printf '%s\\n' "
@@ -489,21 +328,21 @@ def shell_argv(ref: str) -> list[str]:
     return [*openssh_shell_argv(spec), remote_cmd]
 
 
-def _copy_new_log(conn, job: ledger_mod.Job, path: Path) -> None:
-    """What the host's log has beyond the local copy, appended there and printed."""
+def _copy_new_log(target: HostTarget, job: Job, path: Path, sinks: Sinks) -> None:
+    """What the host's log has beyond the local copy, appended there and passed on."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as out:
         while True:
-            answer = conn.agent("read-log", job.id, "--offset", str(out.tell()), "--wait", "0")
+            answer = target.agent("read-log", job.id, "--offset", str(out.tell()), "--wait", "0")
             chunk = base64.b64decode(answer["data"])
             if not chunk:
                 return
-            _append_log(out, chunk)
+            _append_log(out, chunk, sinks)
 
 
-def _append_log(out, chunk: bytes) -> None:
+def _append_log(out: BinaryIO, chunk: bytes, sinks: Sinks) -> None:
     """Log bytes from the host: into the local copy (its size is the next offset), and shown."""
     out.write(chunk)
     out.flush()
-    sys.stdout.buffer.write(chunk)
-    sys.stdout.buffer.flush()
+    if chunk:
+        sinks.output(chunk)
