@@ -20,16 +20,21 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from controller import paths
 from controller.errors import CubeError
-from controller.hosts import atomic_write, file_lock, update_inventory
+from controller.hosts import atomic_write, file_lock, inventory_groups, load_inventory, \
+    update_inventory
+from controller.selectors import parse_selector
 
 SSHD = "/usr/sbin/sshd"
 GLOBAL_LOCK = Path("/run/cube-lab.lock")  # subnet allocation across all labs on this machine
 KNOWN_HOSTS_TAG = "cube-lab"
+GROUP = "lab"        # every lab host is in this inventory group (`--host @lab`)
+MAX_HOSTS = 64       # a typo guard; each host costs an sshd and a 10.203.X.0/24 subnet
 
 
 @dataclass
@@ -304,34 +309,53 @@ def _write_known_hosts(hosts: list[LabHost], remove: list[str] = ()) -> None:
         atomic_write(path, "\n".join(kept + fresh) + "\n", 0o600)
 
 
-def _inventory_entry(host: LabHost) -> dict:
-    return {"hostname": host.address, "port": host.port, "user": getpass.getuser(),
-            "identity_file": str(user_key()), "root": host.root,
-            "labels": ["lab"], "groups": ["lab"]}
+def _inventory_entry(host: LabHost, slots: int | None) -> dict:
+    entry = {"hostname": host.address, "port": host.port, "user": getpass.getuser(),
+             "identity_file": str(user_key()), "root": host.root,
+             "labels": [GROUP], "groups": [GROUP]}
+    if slots is not None:
+        entry["slots"] = slots
+    return entry
 
 
-def lab_up(n: int = 1, netns: bool | None = None) -> list[LabHost]:
-    """Start lab1..labN (running ones are kept), write inventory + known_hosts entries."""
-    if n < 1:
-        raise CubeError(f"--hosts must be at least 1, not {n}.", "Use e.g. `cube lab up --hosts 2`.")
+def _ensure_up(index: int, netns_mode: bool) -> LabHost:
+    current = _status_of(f"lab{index}")
+    if current and current.up:
+        return current
+    if current:  # crashed or cut off: clear what is left (process, namespace) first
+        _stop(current)
+    return _start_host(index, netns_mode)
+
+
+def lab_up(n: int = 1, netns: bool | None = None, slots: int | None = None) -> list[LabHost]:
+    """Start lab1..labN (running ones are kept) side by side, write inventory entries (group
+    `lab`; `slots: N` when given, else each host keeps the slots it had) and known_hosts."""
+    if not 1 <= n <= MAX_HOSTS:
+        raise CubeError(f"--hosts must be at least 1 and at most {MAX_HOSTS}, not {n}.",
+                        "Use e.g. `cube lab up --hosts 2`.")
+    if slots is not None and slots < 1:
+        raise CubeError(f"--slots must be at least 1, not {slots}.",
+                        "Use e.g. `cube lab up --hosts 3 --slots 1`.")
     if not Path(SSHD).exists():
         raise CubeError(f"{SSHD} is not installed, so no lab host can start.",
                         "Install it: apt-get install openssh-server.")
     netns_mode = use_netns() if netns is None else netns
     _ensure_user_key()
-    hosts = []
-    for index in range(1, n + 1):
-        current = _status_of(f"lab{index}")
-        if current and current.up:
-            hosts.append(current)
-            continue
-        if current:  # crashed or cut off: clear what is left (process, namespace) first
-            _stop(current)
-        hosts.append(_start_host(index, netns_mode))
+    # sshd start-up is mostly waiting (key generation, the listener coming up): start them all
+    # at once; namespace setup still takes the global lock one host at a time.
+    with ThreadPoolExecutor(max_workers=min(n, 16)) as pool:
+        futures = [pool.submit(_ensure_up, i, netns_mode) for i in range(1, n + 1)]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]  # the started hosts are recorded: `cube lab down` clears them
+    hosts = [f.result() for f in futures]
     if any(h.mode == "netns" for h in hosts):
         _allow_forwarding()
     _write_known_hosts(hosts)
-    update_inventory({h.name: _inventory_entry(h) for h in hosts})
+    known = load_inventory()
+    update_inventory({h.name: _inventory_entry(h, slots if slots is not None else
+                                               getattr(known.get(h.name), "slots", None))
+                      for h in hosts}, join={GROUP: [h.name for h in hosts]})
     return hosts
 
 
@@ -344,8 +368,27 @@ def _status_of(name: str) -> LabHost | None:
     return host
 
 
-def lab_status() -> list[LabHost]:
-    return [h for h in (_status_of(n) for n in _names()) if h]
+def select_lab(selector: str | None) -> list[str]:
+    """Lab host names a selector means (names, comma list, @group); None: every lab host."""
+    names = _names()
+    parts = parse_selector(selector)
+    if not parts:
+        return names
+    groups = inventory_groups() if any(p.startswith("@") for p in parts) else {}
+    chosen = []
+    for part in parts:
+        members = [m for m in groups.get(part[1:], []) if m in names] if part.startswith("@") \
+            else [part] if part in names else []
+        if not members:
+            raise CubeError(f"No lab host matched '{part}'.",
+                            f"Lab hosts: {', '.join(names) or 'none'}; groups are @{GROUP} and "
+                            "those of the inventory.")
+        chosen.extend(m for m in members if m not in chosen)
+    return chosen
+
+
+def lab_status(selector: str | None = None) -> list[LabHost]:
+    return [h for h in (_status_of(n) for n in select_lab(selector)) if h]
 
 
 def _teardown_netns(netns: str, veth: str) -> None:
@@ -381,14 +424,21 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def lab_down() -> list[str]:
-    """Stop every lab host of this CUBE_HOME and remove its inventory/known_hosts entries."""
-    hosts = [h for h in (_load(n) for n in _names()) if h]
-    for host in hosts:
-        _stop(host)
-        _state_file(host.name).unlink(missing_ok=True)
+def _stop_and_forget(host: LabHost) -> None:
+    _stop(host)
+    _state_file(host.name).unlink(missing_ok=True)
+
+
+def lab_down(selector: str | None = None) -> list[str]:
+    """Stop the selected lab hosts of this CUBE_HOME (default: all), side by side, and remove
+    their inventory/known_hosts entries."""
+    hosts = [h for h in (_load(n) for n in select_lab(selector)) if h]
+    if hosts:
+        with ThreadPoolExecutor(max_workers=min(len(hosts), 16)) as pool:
+            for future in [pool.submit(_stop_and_forget, h) for h in hosts]:
+                future.result()
     names = [h.name for h in hosts]
-    if any(h.mode == "netns" for h in hosts):
+    if any(h.mode == "netns" for h in hosts) and not _names():  # the last netns host is gone
         try:
             _remove_forwarding()
         except FileNotFoundError:  # no iptables: nothing was added

@@ -14,14 +14,19 @@ lab_app = typer.Typer(help="Local SSH test hosts (real sshd) for trying cube rem
 app.add_typer(lab_app, name="lab")
 
 
+SELECTOR_HELP = "Lab hosts: a name, a comma list (lab1,lab3) or @lab; default: all."
+
+
 @lab_app.command("up")
-def up(hosts: int = typer.Option(1, "--hosts", "-n", help="How many hosts (lab1..labN)."),
+def up(hosts: int = typer.Option(1, "--hosts", "-n", help="How many hosts (lab1..labN, N <= 64)."),
+       slots: Optional[int] = typer.Option(
+           None, "--slots", help="Job slots per host, written to the inventory (default 1)."),
        netns: Optional[bool] = typer.Option(
            None, "--netns/--no-netns",
            help="Own network namespace per host (default: when root) or sshd on 127.0.0.1."),
        ) -> None:
-    """Start lab hosts (running ones are kept) and add them to the inventory."""
-    started = lab.lab_up(hosts, netns=netns)
+    """Start lab hosts (running ones are kept) and add them to the inventory, group @lab."""
+    started = lab.lab_up(hosts, netns=netns, slots=slots)
     for h in started:
         typer.echo(f"{h.name}: {h.address}:{h.port} ({h.mode}) root {h.root}")
     typer.echo(f"Inventory: {paths.inventory_file()}  known hosts: {paths.known_hosts_file()}")
@@ -29,16 +34,16 @@ def up(hosts: int = typer.Option(1, "--hosts", "-n", help="How many hosts (lab1.
 
 
 @lab_app.command("down")
-def down() -> None:
-    """Stop every lab host and remove its inventory and known_hosts entries."""
-    names = lab.lab_down()
+def down(selector: Optional[str] = typer.Argument(None, help=SELECTOR_HELP)) -> None:
+    """Stop lab hosts and remove their inventory and known_hosts entries."""
+    names = lab.lab_down(selector)
     typer.echo(f"Stopped {', '.join(names)}." if names else "No lab host was running.")
 
 
 @lab_app.command("status")
-def status() -> None:
+def status(selector: Optional[str] = typer.Argument(None, help=SELECTOR_HELP)) -> None:
     """List lab hosts: address, sshd pid, up/down (a TCP connect check)."""
-    hosts = lab.lab_status()
+    hosts = lab.lab_status(selector)
     if not hosts:
         typer.echo("No lab hosts. Start some with `cube lab up --hosts 2`.")
         return
