@@ -23,8 +23,9 @@ from controller.hosts import HostSpec
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_WORKERS = 16
+CONNECT_SLACK_S = 3.0  # of a host's timeout, kept back from connect's retry budget
 # One shell round trip for what the probe does not report yet (free memory, podman).
-EXTRAS_SCRIPT = ("awk '/^MemAvailable:/ {print $2 * 1024}' /proc/meminfo 2>/dev/null || echo; "
+EXTRAS_SCRIPT = ("awk '/^MemAvailable:/ {print $2}' /proc/meminfo 2>/dev/null || echo; "
                  "if command -v podman >/dev/null 2>&1; then "
                  "timeout 5 podman version --format '{{.Client.Version}}' 2>&1 | tail -n 1; fi")
 
@@ -71,9 +72,10 @@ def probe_host(spec: HostSpec, timeout: float = DEFAULT_TIMEOUT_S) -> HostReport
     left = lambda: max(1.0, timeout - (time.monotonic() - start))  # noqa: E731
     conn = None
     try:
-        # Leave a second of the budget so a refused or failed connect reports its own reason
-        # before the caller's deadline calls it a timeout.
-        conn = connect(spec, connect_timeout=max(1.0, timeout - 1.0))
+        # transport retries network errors until its budget is spent, plus at most one backoff
+        # wait of <= 2 s: leave room for that, so a refused or silent host reports its own
+        # reason before the caller's deadline calls it a timeout.
+        conn = connect(spec, connect_timeout=max(1.0, timeout - CONNECT_SLACK_S))
         probe = conn.agent("probe", timeout=left())
         if "mem_available_bytes" not in probe or "podman" not in probe:
             probe = {**_extras(conn, left()), **probe}
@@ -96,7 +98,7 @@ def _extras(conn, timeout: float) -> dict:
     lines = result.stdout.splitlines()
     extras: dict = {"podman": None}
     if lines and lines[0].strip().isdigit():
-        extras["mem_available_bytes"] = int(lines[0])
+        extras["mem_available_bytes"] = int(lines[0]) * 1024  # /proc/meminfo counts KiB
     if len(lines) > 1 and lines[1].strip():
         extras["podman"] = {"cli": True, "version": lines[1].strip()}
     return extras

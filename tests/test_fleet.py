@@ -208,3 +208,79 @@ def test_hung_probe_does_not_block_exit(tmp_path):
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False", out.stderr
     assert time.monotonic() - start < 10
+
+
+# ---- against real lab hosts -------------------------------------------------------------------
+
+@pytest.fixture
+def three_hosts(cube_home):
+    """lab1..lab3 in the test's own CUBE_HOME (the session lab has two), always torn down."""
+    from controller import lab
+    from tests.conftest import require
+    from tests.fixtures.lab import sshd_available
+
+    require(sshd_available(), "OpenSSH server (/usr/sbin/sshd) is not installed")
+    hosts = lab.lab_up(3, slots=2)
+    require(all(h.netns for h in hosts), "cutting a link needs root and network namespaces")
+    try:
+        yield hosts
+    finally:
+        for h in hosts:
+            try:
+                lab.restore_link(h.name)
+            except Exception:
+                pass
+        lab.lab_down()
+
+
+def cube_json(*args: str, timeout: float = 60) -> tuple[dict, float]:
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "controller.cli", "hosts", "--json", *args],
+                         capture_output=True, text=True, env=os.environ.copy(), timeout=timeout,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout), time.monotonic() - start
+
+
+@pytest.mark.integration
+def test_cut_and_stopped_hosts_are_reported_within_the_timeout(three_hosts):
+    from controller import lab
+
+    lab.cut_link("lab2")  # packets to it vanish: connect hangs until our deadline
+    data, took = cube_json("@lab", "--timeout", "3")
+    rows = {r["name"]: r for r in data["hosts"]}
+    assert [r["name"] for r in data["hosts"]] == ["lab1", "lab2", "lab3"]
+    assert not rows["lab2"]["reachable"] and rows["lab2"]["error"]
+    assert rows["lab2"]["seconds"] <= 3.5 and data["seconds"] < 4.5, data
+    for name in ("lab1", "lab3"):
+        r = rows[name]
+        assert r["reachable"] and r["error"] is None, r
+        assert r["cpu_count"] >= 1 and r["load_per_core"] is not None and r["os"]
+        assert r["mem_free_bytes"] > 0 and r["mem_total_bytes"] >= r["mem_free_bytes"]
+        assert r["disk_free_bytes"] > 0 and r["root"].endswith(f"{name}/root")
+        assert r["pythons"] and all(v.startswith("3.") for v in r["pythons"])
+        assert (r["slots_total"], r["slots_free"], r["running"]) == (2, 2, [])
+        assert "docker" in r["engines"] or r["engines"] == {}
+    assert took < 10  # interpreter start-up and imports on top of the 3 s budget
+
+    lab.restore_link("lab2")
+    three = next(h for h in three_hosts if h.name == "lab3")
+    os.kill(three.pid, 9)  # sshd gone: connections are refused until the budget is spent
+    data, _ = cube_json("lab2,lab3", "--timeout", "3")
+    rows = {r["name"]: r for r in data["hosts"]}
+    assert rows["lab2"]["reachable"]
+    assert not rows["lab3"]["reachable"] and "refused" in rows["lab3"]["error"].lower(), rows
+    assert rows["lab3"]["seconds"] <= 3.5
+
+
+@pytest.mark.integration
+def test_table_for_people(three_hosts):
+    out = subprocess.run([sys.executable, "-m", "controller.cli", "hosts", "lab1", "--label",
+                          "lab"], capture_output=True, text=True, env=os.environ.copy(),
+                         timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert "lab1" in out.stdout and "yes" in out.stdout and "2/2" in out.stdout
+    none = subprocess.run([sys.executable, "-m", "controller.cli", "hosts", "@lab", "--label",
+                           "a100"], capture_output=True, text=True, env=os.environ.copy(),
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert none.returncode == 2 and "No host matched" in none.stderr and "@lab (3)" in none.stderr

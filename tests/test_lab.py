@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from controller import lab, paths
 from controller.errors import CubeError
+from controller.selectors import select_hosts
 from controller.transport import connect
 from tests.conftest import require
 from tests.fixtures.lab import sshd_available
@@ -112,5 +114,60 @@ def test_crashed_host_is_restarted_and_sessions_can_be_killed(own_lab):
 def test_bad_host_count_and_unknown_host():
     with pytest.raises(CubeError, match="at least 1"):
         lab.lab_up(0)
+    with pytest.raises(CubeError, match="at most 64"):
+        lab.lab_up(65)
+    with pytest.raises(CubeError, match="--slots must be at least 1"):
+        lab.lab_up(1, slots=0)
     with pytest.raises(CubeError, match="no lab host named 'lab9'"):
         lab.kill_ssh_sessions("lab9")
+
+
+def test_fleet_size_slots_group_and_selectors(own_lab):
+    paths.inventory_file().write_text("hosts:\n  mine: {hostname: example.org}\n"
+                                      "groups:\n  lab: [mine]\n")
+    up = cube("lab", "up", "--hosts", "3", "--slots", "2")
+    assert up.returncode == 0, up.stderr
+    data = yaml.safe_load(paths.inventory_file().read_text())
+    assert [data["hosts"][n]["slots"] for n in ("lab1", "lab2", "lab3")] == [2, 2, 2]
+    assert data["groups"]["lab"] == ["mine", "lab1", "lab2", "lab3"]  # the user's member kept
+    assert [s.name for s in select_hosts("@lab", ["lab"])] == ["lab1", "lab2", "lab3"]
+    lab.lab_up(4)  # more hosts later: the running ones keep their slots, the new one has none
+    data = yaml.safe_load(paths.inventory_file().read_text())
+    assert data["hosts"]["lab2"]["slots"] == 2 and "slots" not in data["hosts"]["lab4"]
+
+    status = cube("lab", "status", "lab1,lab3")
+    assert status.returncode == 0 and [line.split("\t")[0] for line in
+                                       status.stdout.splitlines()] == ["lab1", "lab3"]
+    assert cube("lab", "status", "@lab").stdout.count("\tup") == 4
+    bad = cube("lab", "down", "lab9")
+    assert bad.returncode == 2 and "No lab host matched 'lab9'" in bad.stderr
+
+    pids = {h.name: h.pid for h in lab.lab_status()}
+    down = cube("lab", "down", "lab2,lab4")
+    assert down.returncode == 0 and "lab2, lab4" in down.stdout, down.stderr
+    assert [h.name for h in lab.lab_status()] == ["lab1", "lab3"]
+    assert not lab._pid_alive(pids["lab2"]) and lab._pid_alive(pids["lab1"])
+    data = yaml.safe_load(paths.inventory_file().read_text())
+    assert set(data["hosts"]) == {"mine", "lab1", "lab3"}
+    assert data["groups"]["lab"] == ["mine", "lab1", "lab3"]
+    assert cube("lab", "down", "@lab").returncode == 0
+    assert lab.lab_status() == []
+    assert yaml.safe_load(paths.inventory_file().read_text())["groups"] == {"lab": ["mine"]}
+
+
+def test_sixteen_hosts_start_side_by_side_and_all_go(own_lab):
+    start = time.monotonic()
+    hosts = lab.lab_up(16)
+    took = time.monotonic() - start
+    assert [h.name for h in hosts] == [f"lab{i}" for i in range(1, 17)] and all(h.up for h in hosts)
+    assert took < 20, f"16 lab hosts took {took:.1f} s"
+    assert len({(h.address, h.port) for h in hosts}) == 16
+    assert [s.name for s in select_hosts("@lab", [])] == [h.name for h in hosts]
+    assert sorted(lab.lab_down(), key=lambda n: int(n[3:])) == [h.name for h in hosts]
+    assert all(not lab._pid_alive(h.pid) for h in hosts)
+    if hosts[0].netns:
+        names = netns_names()
+        assert not any(h.netns in names for h in hosts)
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert not any(f"{h.veth}@" in links for h in hosts)
+    assert "lab" not in (yaml.safe_load(paths.inventory_file().read_text()) or {}).get("groups", {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -52,8 +53,9 @@ def _print_table(reports) -> None:
             r.name, "[green]yes[/green]", r.os or "?",
             f"{r.cpu_count or '?'} x {_num(r.load_per_core)}",
             f"{_size(r.mem_free_bytes)} / {_size(r.mem_total_bytes)}", _size(r.disk_free_bytes),
-            " ".join(r.pythons) or "-", _engines(r.engines), _gpus(r), _slots(r), _jobs(r))
-    console = Console()
+            _pythons(r.pythons), _engines(r.engines), _gpus(r), _slots(r), _jobs(r))
+    # Piped output is not cut to 80 columns: a row per host stays whole for grep.
+    console = Console(width=None if sys.stdout.isatty() else 240)
     console.print(table)
     for r in reports:
         if not r.reachable:
@@ -72,6 +74,16 @@ def _size(n) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return "?"
+
+
+def _pythons(versions: list[str]) -> str:
+    """Major.minor only (JSON has the full versions): the table stays narrow."""
+    short = []
+    for v in versions:
+        mm = ".".join(v.split(".")[:2])
+        if mm not in short:
+            short.append(mm)
+    return " ".join(short) or "-"
 
 
 def _engines(engines: dict) -> str:
