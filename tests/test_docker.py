@@ -14,16 +14,35 @@ import pytest
 
 from controller.cube import load_cube
 from controller.errors import ConfigError, CubeError
+from controller.launchers import ForegroundLauncher
+from controller.plan import HostLayout, LocalLayout, plan_job
 from controller.runtimes import docker as rt
-from controller.taskargs import apply_param_overrides, prepare_outputs
-from tests.fixtures.docker import EngineExecutor, load_hello
+from controller.runtimes import get_runtime
+from controller.runtimes.base import LocalFacts, ProbedFacts
+from controller.taskargs import prepare_outputs
+from tests.fixtures.docker import EngineTarget, load_hello
 
 integration = pytest.mark.integration
 
 
+def params(cube, task: str, **overrides: str):
+    """The task's parameters as the job plan resolves them (overrides applied once)."""
+    return plan_job(cube, [task], overrides).tasks[0].params
+
+
+def run_local(cube, tasks: str, log, target=None, **overrides) -> int:
+    """`cube run` through the seams: plan, the runtime's prepare on this machine, then the
+    foreground launcher; the first failing task's exit code, else 0."""
+    target = target or EngineTarget()
+    plan = plan_job(cube, tasks, overrides)
+    layout = LocalLayout(cube.root, cube.root / "envs-unused")
+    spec = get_runtime(plan.runtime).prepare(plan, target, layout, LocalFacts(), log)
+    state = ForegroundLauncher(plan, log, grace=5).launch(target, "", None, spec)
+    return int(state.get("exit_code") or 0)
+
+
 def run_greet(cube, log, **kwargs) -> int:
-    prepare_outputs(cube, "greet", {})
-    return rt.run_task_in_docker(cube, "greet", {}, log=log, **kwargs)
+    return run_local(cube, "greet", log, **kwargs)
 
 
 def cube_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -63,8 +82,7 @@ def test_unknown_build_strategy_names_the_field(hello_cube):
 def test_each_folder_is_mounted_once_and_files_mount_their_parent(hello_cube):
     cube = load_hello(hello_cube, "x/y:1")
     shared = str(hello_cube / "workspace" / "input")
-    params = apply_param_overrides(cube, "greet", {"out_dir": shared})
-    mounts, inside = rt.plan_mounts(params)
+    mounts, inside = rt.plan_mounts(params(cube, "greet", out_dir=shared))
     assert [m.host for m in mounts] == [str(hello_cube / "workspace" / "input")]
     assert inside == {"names": "/mnt/cube/io0/names.txt", "out_dir": "/mnt/cube/io0"}
     # The ro input shares its folder with an output: read-write wins (the writer needs it).
@@ -73,8 +91,9 @@ def test_each_folder_is_mounted_once_and_files_mount_their_parent(hello_cube):
 
 def test_container_argv_rewrites_paths_and_runs_as_the_user(hello_cube):
     cube = load_hello(hello_cube, "x/y:1")
-    argv = rt.container_argv(cube, "greet", {}, image="x/y:1", job_name="job-1", uid=1234,
-                             gid=99, env={"EXTRA": "1"}, cpus=1.5, memory="512m")
+    argv = rt.container_argv(cube, "greet", params(cube, "greet"), image="x/y:1",
+                             job_name="job-1", uid=1234, gid=99, env={"EXTRA": "1"}, cpus=1.5,
+                             memory="512m")
     ws = hello_cube / "workspace"
     assert argv[:2] == ["docker", "run"] and "--rm" in argv
     assert argv[argv.index("--name") + 1] == "job-1"
@@ -93,23 +112,23 @@ def test_gpus_only_when_the_cube_wants_them_and_the_host_has_them(hello_cube):
     assert rt.choose_gpus(cpu, [0, 1, 2]) is None
     assert rt.choose_gpus(gpu, []) is None
     assert rt.choose_gpus(gpu, [0, 1, 2]) == [0, 1]
-    argv = rt.container_argv(gpu, "greet", {}, image="i", job_name="j", uid=1, gid=1,
+    argv = rt.container_argv(gpu, "greet", None, image="i", job_name="j", uid=1, gid=1,
                              gpus=[2, 3])
     assert argv[argv.index("--gpus") + 1] == '"device=2,3"'
     assert "CUDA_VISIBLE_DEVICES=0,1" in argv  # renumbered from 0 inside the container
-    assert "--gpus" not in rt.container_argv(cpu, "greet", {}, image="i", job_name="j",
+    assert "--gpus" not in rt.container_argv(cpu, "greet", None, image="i", job_name="j",
                                              uid=1, gid=1, gpus=[0])
 
 
 def test_remote_paths_come_from_the_path_map_and_must_be_absolute(hello_cube):
     cube = load_hello(hello_cube, "x/y:1")
     ws = hello_cube / "workspace"
-    argv = rt.container_argv(cube, "greet", {}, image="i", job_name="j", uid=1, gid=1,
+    argv = rt.container_argv(cube, "greet", None, image="i", job_name="j", uid=1, gid=1,
                              path_map={ws: "/home/u/.cube/jobs/j1/workspace"})
     assert "type=bind,source=/home/u/.cube/jobs/j1/workspace/input,target=/mnt/cube/io0," \
            "readonly" in argv
     with pytest.raises(CubeError, match="not an absolute path"):
-        rt.container_argv(cube, "greet", {}, image="i", job_name="j", uid=1, gid=1,
+        rt.container_argv(cube, "greet", None, image="i", job_name="j", uid=1, gid=1,
                           path_map={ws: "~/.cube/jobs/j1/workspace"})
 
 
@@ -122,11 +141,11 @@ def test_mount_spec_quotes_paths_with_commas():
 
 @integration
 def test_engine_errors_say_which_and_how_to_fix(docker_engine, tmp_path):
-    down = EngineExecutor(f"unix://{tmp_path}/none.sock")
+    down = EngineTarget(f"unix://{tmp_path}/none.sock")
     with pytest.raises(CubeError, match="not running") as err:
         rt.check_engine(down)
     assert "docker-up.sh" in err.value.hint
-    no_cli = EngineExecutor()
+    no_cli = EngineTarget()
     no_cli.env["PATH"] = str(tmp_path)
     with pytest.raises(CubeError, match="CLI is not installed"):
         rt.check_engine(no_cli)
@@ -137,7 +156,7 @@ def test_engine_errors_say_which_and_how_to_fix(docker_engine, tmp_path):
 def test_a_user_outside_the_docker_group_is_told_to_join_it(docker_engine):
     require_root()
     with pytest.raises(CubeError, match="permission denied") as err:
-        rt.check_engine(EngineExecutor(user=(65534, 65534)))
+        rt.check_engine(EngineTarget(user=(65534, 65534)))
     assert "usermod -aG docker" in err.value.hint
 
 
@@ -203,8 +222,7 @@ def test_task_runs_in_a_container_and_outputs_belong_to_the_invoking_user(docker
     messages: list[str] = []
     cube = load_hello(hello_cube, hello_image)
     assert run_greet(cube, messages.append) == 0
-    prepare_outputs(cube, "count", {})
-    assert rt.run_task_in_docker(cube, "count", {}, log=messages.append) == 0
+    assert run_local(cube, "count", messages.append) == 0
     ws = hello_cube / "workspace"
     assert (ws / "greetings" / "grace.txt").read_text() == "Hello, grace!\n"
     assert (ws / "report" / "summary.txt").read_text() == "3 greetings\n"
@@ -227,7 +245,7 @@ def test_outputs_of_a_non_root_user_are_not_owned_by_root(docker_engine, hello_c
     out = hello_cube / "workspace" / "greetings"
     out.mkdir()
     out.chmod(0o777)
-    argv = rt.container_argv(cube, "greet", {}, image=hello_image,
+    argv = rt.container_argv(cube, "greet", params(cube, "greet"), image=hello_image,
                              job_name=rt.job_name(cube, "greet"), uid=1234, gid=1234)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -255,12 +273,12 @@ def test_a_missing_mount_folder_is_refused_and_never_created(docker_engine, hell
     cube = load_hello(hello_cube, hello_image)
     rt.ensure_image(docker_engine, cube, lambda _m: None)
     missing = hello_cube / "nowhere"
-    params = apply_param_overrides(cube, "greet", {"names": f"{missing}/names.txt"})
+    moved = params(cube, "greet", names=f"{missing}/names.txt")
     with pytest.raises(CubeError, match=r"nowhere \(parameter names\).*does not exist"):
-        rt.check_mount_sources(docker_engine, rt.plan_mounts(params)[0])
+        rt.check_mount_sources(docker_engine, rt.plan_mounts(moved)[0])
     # The engine itself refuses too (with -v it would have made the folder, owned by root).
-    argv = rt.container_argv(cube, "greet", {"names": f"{missing}/names.txt"},
-                             image=hello_image, job_name=rt.job_name(cube, "greet"), uid=0, gid=0)
+    argv = rt.container_argv(cube, "greet", moved, image=hello_image,
+                             job_name=rt.job_name(cube, "greet"), uid=0, gid=0)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     assert not missing.exists()
@@ -270,9 +288,9 @@ def test_a_missing_mount_folder_is_refused_and_never_created(docker_engine, hell
 def test_docker_stop_on_the_job_name_stops_the_container(docker_engine, hello_cube, hello_image):
     cube = load_hello(hello_cube, hello_image)
     rt.ensure_image(docker_engine, cube, lambda _m: None)
-    prepare_outputs(cube, "idle", {})
+    prepare_outputs(params(cube, "idle"))
     name = rt.job_name(cube, "idle")
-    argv = rt.container_argv(cube, "idle", {}, image=hello_image, job_name=name,
+    argv = rt.container_argv(cube, "idle", None, image=hello_image, job_name=name,
                              uid=os.getuid(), gid=os.getgid())
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -316,7 +334,7 @@ def test_ship_sends_the_image_once_then_nothing(docker_engine, second_engine, he
 
 @integration
 def test_ship_to_an_engine_that_cannot_load_says_so(docker_engine, tiny_image, tmp_path):
-    dead = EngineExecutor(f"unix://{tmp_path}/gone.sock")
+    dead = EngineTarget(f"unix://{tmp_path}/gone.sock")
     with pytest.raises(CubeError, match=r"`docker load` on lab9 failed") as err:
         rt.ship_image(tiny_image, docker_engine, dead, lambda _m: None, "lab9")
     assert "Cannot connect to the Docker daemon" in err.value.message
@@ -363,10 +381,14 @@ def test_plan_reports_the_image_without_building_it(docker_engine, hello_cube):
     messages: list[str] = []
     tag = f"cube/hello-docker-plan:{os.getpid()}"
     cube = load_hello(hello_cube, tag)
-    argv = rt.plan_task(cube, "greet", {}, messages.append)
+    plan = plan_job(cube, ["greet"], {})
+    spec = rt.DockerRuntime().prepare(plan, docker_engine, LocalLayout(cube.root, hello_cube),
+                                      LocalFacts(), messages.append, dry_run=True)
     assert messages == [f"image {tag}: strategy auto (docker.build_strategy in mlcube.yaml); "
                         "absent on this machine"]
+    argv = spec.tasks[0].argv
     assert argv[-3:] == ["greet", "--names=/mnt/cube/io0/names.txt", "--out_dir=/mnt/cube/io1"]
+    assert spec.env_key == "" and spec.engine == "docker"
     assert rt.image_id(docker_engine, tag) is None
 
 
@@ -375,9 +397,9 @@ def test_sigterm_to_the_docker_cli_stops_its_container(docker_engine, hello_cube
     """How a job is cancelled when the agent signals the process group of `docker run`."""
     cube = load_hello(hello_cube, hello_image)
     rt.ensure_image(docker_engine, cube, lambda _m: None)
-    prepare_outputs(cube, "idle", {})
+    prepare_outputs(params(cube, "idle"))
     name = rt.job_name(cube, "idle")
-    argv = rt.container_argv(cube, "idle", {}, image=hello_image, job_name=name,
+    argv = rt.container_argv(cube, "idle", None, image=hello_image, job_name=name,
                              uid=os.getuid(), gid=os.getgid())
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -393,20 +415,20 @@ def test_sigterm_to_the_docker_cli_stops_its_container(docker_engine, hello_cube
 
 # ---- remote: lab hosts over real SSH -------------------------------------------------------------
 
-class EngineOverSSH(rt.ConnTarget):
+class EngineOverSSH:
     """A lab host whose commands talk to the second engine: the lab shares this machine's
     filesystem, so without this the "host" and the controller would share one engine."""
 
-    def __init__(self, conn, docker_host: str):
-        super().__init__(conn)
+    def __init__(self, target, docker_host: str):
+        self.target, self.name = target, target.name
         self.prefix = ["env", f"DOCKER_HOST={docker_host}"]
 
     def sh(self, command: str, *, timeout: float | None = None):
-        return self.conn.sh(f"{shlex.join(self.prefix)} bash -c {shlex.quote(command)}",
-                            timeout=timeout)
+        return self.target.sh(f"{shlex.join(self.prefix)} bash -c {shlex.quote(command)}",
+                              timeout=timeout)
 
-    def open_remote_stdin(self, argv: list[str]):
-        return super().open_remote_stdin([*self.prefix, *argv])
+    def open_stream(self, argv):
+        return self.target.open_stream([*self.prefix, *argv])
 
 
 @pytest.fixture
@@ -487,33 +509,35 @@ def test_with_folders_makes_the_mount_folders_then_execs_the_command(tmp_path):
 @integration
 def test_launch_spec_runs_the_job_through_the_agent(docker_engine, hello_cube, hello_image,
                                                    tmp_path):
-    """remote_launch_spec as the agent runs it (locally: the agent is the same file on hosts):
-    the image by its strategy, folders made, both tasks in job-named containers."""
+    """A host's launch spec as the agent runs it (locally: the agent is the same zipapp on
+    hosts): the image by its strategy, folders made, both tasks in job-named containers."""
     import shutil
     import sys
+    import tempfile
 
-    from controller.remote import RemoteLayout, job_params, remote_path_for
+    from controller import agent_bundle
 
     cube = load_hello(hello_cube, hello_image)
-    per_task = {"greet": {}, "count": {}}
-    layout = RemoteLayout(str(tmp_path / "root"), cube.name, "job-1")
+    plan = plan_job(cube, ["greet", "count"], {})
+    layout = HostLayout.for_plan(str(tmp_path / "root"), plan, "job-1")
     (Path(layout.inputs_dir) / "input").mkdir(parents=True)
     shutil.copy(hello_cube / "workspace" / "input" / "names.txt", Path(layout.inputs_dir) / "input")
     shutil.copytree(hello_cube, layout.cube_dir, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("workspace"))
-    agent = [sys.executable, str(Path(rt.__file__).parents[2] / "agent" / "cube_agent.py"),
-             "--root", layout.root]
+    bundle = agent_bundle.cached_file(Path(tempfile.gettempdir()) / "cube-test-agent")
+    agent = [sys.executable, str(bundle), "--root", layout.root]
     probe = json.loads(subprocess.run([*agent, "probe"], capture_output=True, text=True).stdout)
+    probe = probe.get("result", probe)
     messages: list[str] = []
-    spec = rt.remote_launch_spec(docker_engine, cube, per_task,
-                                 remote_path_for(job_params(cube, per_task), layout), layout,
-                                 "job-1", probe, messages.append)
-    assert spec["docker_container"] == "cube-job-1"
-    launched = subprocess.run([*agent, "launch"], input=json.dumps({"job_id": "job-1", **spec}),
+    spec = rt.DockerRuntime().prepare(plan, docker_engine, layout, ProbedFacts(probe),
+                                      messages.append)
+    assert spec.container == "cube-job-1" and spec.engine == "docker"
+    assert spec.env_key == rt.image_id(docker_engine, hello_image)
+    launched = subprocess.run([*agent, "launch"], input=json.dumps(spec.agent_spec("job-1", None)),
                               capture_output=True, text=True)
     assert launched.returncode == 0, launched.stdout + launched.stderr
-    status = lambda: json.loads(subprocess.run([*agent, "status", "job-1"], capture_output=True,
-                                               text=True).stdout)
+    status = lambda: agent_result(subprocess.run([*agent, "status", "job-1"],
+                                                 capture_output=True, text=True).stdout)
     wait_for(lambda: status()["state"] not in ("pending", "running"))
     assert status()["state"] == "succeeded"
     outputs = Path(layout.outputs_dir)
@@ -534,12 +558,12 @@ def test_a_tasks_own_entrypoint_replaces_the_images(docker_engine, hello_cube, h
         "      inputs: {greetings: {type: directory, default: input/}}\n"
         "      outputs: {report: {type: file, default: recount/summary.txt}}\n"))
     cube = load_hello(hello_cube, hello_image)
-    argv = rt.container_argv(cube, "recount", {}, image=hello_image, job_name="j", uid=1, gid=1)
+    argv = rt.container_argv(cube, "recount", None, image=hello_image, job_name="j", uid=1,
+                             gid=1)
     assert argv[argv.index("--entrypoint"):] == [
         "--entrypoint", "python3", hello_image, "/app/hello.py", "count",
         "--greetings=/mnt/cube/io0", "--report=/mnt/cube/io1/summary.txt"]
-    prepare_outputs(cube, "recount", {})
-    assert rt.run_task_in_docker(cube, "recount", {}, log=lambda _m: None) == 0
+    assert run_local(cube, "recount", lambda _m: None) == 0
     # The input folder holds one .txt file (names.txt), and that is what `count` counts.
     assert (hello_cube / "workspace" / "recount" / "summary.txt").read_text() == "1 greetings\n"
 
@@ -571,3 +595,9 @@ def test_killed_ssh_sessions_do_not_stop_the_container(docker_engine, lab, lab_h
 def running_containers(ex, prefix: str) -> list[str]:
     out = ex.sh(shlex.join(["docker", "ps", "--format", "{{.Names}}"])).stdout.split()
     return [n for n in out if n.startswith(prefix)]
+
+
+def agent_result(stdout: str) -> dict:
+    """A verb's answer: {ok, result} from the agent package (the result itself before it)."""
+    answer = json.loads(stdout)
+    return answer.get("result", answer) if "ok" in answer else answer

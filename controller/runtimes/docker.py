@@ -1,37 +1,46 @@
-"""The docker runtime: run a cube's tasks in containers, on this machine or on a host.
+"""The container runtimes: run a cube's tasks in containers, on this machine or on a host.
 
-Why the Docker CLI and not the docker SDK: remote engines are reached through cube's own SSH
+`DockerRuntime` and `PodmanRuntime` (controller.runtimes.podman) are one class with a different
+engine: podman takes docker's CLI arguments for everything used here. `prepare` makes the image
+present (controller.runtimes.docker_image), then returns one `ENGINE run` per task.
+
+Why the engine's CLI and not the docker SDK: remote engines are reached through cube's own SSH
 connection (host keys checked against cube's known_hosts, one reused connection, retries), and
 the CLI is what every host with an engine has; the SDK's ssh:// transport opens its own
-connections and bypasses both. So every engine call is a shell command given to an executor
-(`sh(command) -> ExecResult`): LocalExecutor for `cube run`, a HostConnection for a host.
-Getting the cube's image onto the engine is controller.runtimes.docker_image's job.
+connections and bypasses both, and podman would need a second client library. So every engine
+call is a shell command given to the target (`target.sh`), and `save | load` shipping is a byte
+stream to it (`target.open_stream`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
+import posixpath
 import re
 import secrets
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
-from controller.errors import CubeError
-from controller.provision import Executor, LocalExecutor
-from controller.runtimes.docker_image import (ConnTarget, Log, build_strategy, ensure_image,
-                                              ensure_ship_image, image_id, image_name, short)
+from controller.cube import Cube, Param
+from controller.errors import ConfigError, CubeError
+from controller.plan import HostLayout, JobLayout, JobPlan
+from controller.provision import LocalExecutor
+from controller.runtimes.base import HostFacts, LaunchSpec, Log, TaskLaunch
+from controller.runtimes.docker_image import (EngineInfo, build_strategy, engine_info,
+                                              ensure_image, ensure_ship_image, image_name,
+                                              image_plan)
 # Re-exported: image handling lived here before it had its own module.
 from controller.runtimes.docker_image import (ALIASES, CHUNK, STRATEGIES,  # noqa: F401
-                                              TAIL_LINES, LocalStdin, ShipTarget, StdinSink,
-                                              StreamSink, build_context, check_engine,
+                                              TAIL_LINES, build_context, check_engine,
                                               context_hash, dockerfile_path, engine_error,
-                                              names_registry, ship_image)
+                                              image_id, names_registry, ship_image, short)
+from controller.target import Executor, Target
 
 MOUNT_ROOT = "/mnt/cube"
+_ULIMIT_VALUE = re.compile(r"^(-?\d+|unlimited)(:(-?\d+|unlimited))?$")
 
 
 # ---- mounts and the container's command ------------------------------------------------------
@@ -55,7 +64,7 @@ class Mount:
 
 def host_path(path: Path, path_map: Mapping | None) -> str:
     """The engine machine's path for a controller path: the longest matching prefix of
-    `path_map` {local prefix: host prefix} is replaced (remote runs); unmapped paths stay."""
+    `path_map` {local prefix: host prefix} is replaced; unmapped paths stay."""
     text = str(path)
     for local, remote in sorted((path_map or {}).items(), key=lambda kv: -len(str(kv[0]))):
         local = str(local).rstrip("/")
@@ -64,11 +73,14 @@ def host_path(path: Path, path_map: Mapping | None) -> str:
     return text
 
 
-def plan_mounts(params, path_map: Mapping | Callable | None = None
+PathMap = Mapping | Callable[[Param], str] | None
+
+
+def plan_mounts(params: Sequence[Param], path_map: PathMap = None
                 ) -> tuple[list[Mount], dict[str, str]]:
     """One bind mount per distinct host folder (a file parameter mounts its parent), and each
     parameter's path inside the container. `path_map` gives host paths: a {local prefix: host
-    prefix} mapping, or a function Param -> host path (remote.remote_path_for). A folder shared
+    prefix} mapping, or a function Param -> host path (a layout's `path_for`). A folder shared
     by an `ro` input and anything writable is mounted read-write: one mount per folder, and
     the writer needs it; `ro` only holds when the folder is the task's alone to read."""
     mounts: dict[str, Mount] = {}
@@ -100,202 +112,192 @@ def check_mount_sources(ex: Executor, mounts: list[Mount], where: str = "this ma
                         "Create it, or point the parameter at an existing path.")
 
 
-def container_env(cube, env: Mapping | None, gpus: list[int] | None) -> dict[str, str]:
+def container_env(cube: Cube, env: Mapping | None, gpus: list[int] | None) -> dict[str, str]:
     """mlcube.yaml docker.env, then the caller's. HOME=/tmp because the container runs as the
     user's uid, which has no home (or passwd entry) in the image; caches need somewhere."""
     out = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1"}
     out.update({str(k): str(v) for k, v in (cube.docker.get("env") or {}).items()})
     out.update({str(k): str(v) for k, v in (env or {}).items()})
     if gpus:
-        # --gpus exposes only the chosen devices, renumbered from 0 inside the container.
+        # Only the chosen devices are exposed, renumbered from 0 inside the container.
         out["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(gpus)))
     return out
 
 
-def gpu_args(cube, gpus: list[int] | None) -> list[str]:
+def gpu_args(cube: Cube, gpus: list[int] | None, engine: str = "docker") -> list[str]:
     if not gpus or int(cube.platform.get("accelerator_count") or 0) <= 0:
         return []
+    if engine == "podman":  # podman has no --gpus: NVIDIA's CDI names each device
+        return [arg for g in gpus for arg in ("--device", f"nvidia.com/gpu={g}")]
     # The CLI parses --gpus as CSV: a list of devices must be one quoted field.
     return ["--gpus", f'"device={",".join(str(g) for g in gpus)}"']
 
 
-def choose_gpus(cube, host_gpus: list[int]) -> list[int] | None:
+def choose_gpus(cube: Cube, host_gpus: list[int]) -> list[int] | None:
     """The first `platform.accelerator_count` of the host's GPUs; None for CPU-only runs."""
     want = int(cube.platform.get("accelerator_count") or 0)
     return list(host_gpus[:want]) if want > 0 and host_gpus else None
 
 
-def host_gpus(ex: Executor) -> list[int]:
-    result = ex.sh("nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null", timeout=30)
-    return [int(x) for x in result.stdout.split() if x.isdigit()] if result.code == 0 else []
+def ulimits(cube: Cube) -> dict[str, str]:
+    """mlcube.yaml `docker.ulimits` ({nofile: "1024:1024", nproc: 4096}) as --ulimit values.
+    Engines raise some limits by default; where the machine forbids that (rootful podman in
+    some VMs: `error setting rlimit type 6/7`), explicit lower limits let containers start."""
+    raw = cube.docker.get("ulimits") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(cube.mlcube_file, "'docker.ulimits' must be a mapping of limit name "
+                          "to SOFT:HARD.", "Write it as 'ulimits: {nofile: \"1024:1024\", "
+                          "nproc: \"4096:4096\"}' under 'docker:'.", field="docker.ulimits")
+    out = {}
+    for name, value in raw.items():
+        text = str(value).strip()
+        if not re.fullmatch(r"[a-z]+", str(name)) or not _ULIMIT_VALUE.match(text):
+            raise ConfigError(cube.mlcube_file, f"has ulimit '{name}: {value}', which is not "
+                              "NAME: SOFT[:HARD].", "Quote the value, e.g. nofile: \"1024:1024\" "
+                              "(names as in `docker run --ulimit`: nofile, nproc, memlock...).",
+                              field=f"docker.ulimits.{name}")
+        out[str(name)] = text
+    return out
 
 
-def container_argv(cube, task: str, overrides: Mapping | None, *, image: str, job_name: str,
-                   uid: int, gid: int, gpus: list[int] | None = None, env: Mapping | None = None,
+def container_argv(cube: Cube, task: str, params: Sequence[Param] | None = None, *, image: str,
+                   job_name: str, uid: int, gid: int, engine: str = "docker",
+                   gpus: list[int] | None = None, env: Mapping | None = None,
                    cpus: float | str | None = None, memory: str | None = None,
-                   path_map: Mapping | Callable | None = None) -> list[str]:
-    """`docker run` for one task: the image's ENTRYPOINT gets `TASK --param=/mnt/cube/ioN/..`
-    (MLCube's convention), built by the one task_argv with container paths."""
-    from controller.taskargs import apply_param_overrides
-
-    params = apply_param_overrides(cube, task, dict(overrides or {}))
+                   limits: Mapping[str, str] | None = None,
+                   path_map: PathMap = None) -> list[str]:
+    """`ENGINE run` for one task: the image's ENTRYPOINT gets `TASK --param=/mnt/cube/ioN/..`
+    (MLCube's convention), built by the one task_argv with container paths. `params` are the
+    task's resolved parameters (controller.plan.TaskPlan.params; default: as declared)."""
+    params = list(cube.task(task).params if params is None else params)
     mounts, inside = plan_mounts(params, path_map)
-    gpus = gpus if gpu_args(cube, gpus) else None
-    argv = ["docker", "run", "--rm", "--init", "--name", job_name,
-            "--label", f"cube.job={job_name}", "--user", f"{uid}:{gid}", *gpu_args(cube, gpus)]
+    gpus = gpus if gpu_args(cube, gpus, engine) else None
+    argv = [engine, "run", "--rm", "--init", "--name", job_name,
+            "--label", f"cube.job={job_name}", "--user", f"{uid}:{gid}",
+            *gpu_args(cube, gpus, engine)]
     for key, value in container_env(cube, env, gpus).items():
         argv += ["-e", f"{key}={value}"]
     argv += ["--cpus", str(cpus)] if cpus else []
     argv += ["--memory", str(memory)] if memory else []
+    for name, value in (limits or {}).items():
+        argv += ["--ulimit", f"{name}={value}"]
     for mount in mounts:
         argv += ["--mount", mount.spec()]
-    return argv + _entry_and_args(cube, task, overrides, inside, image)
+    return argv + _entry_and_args(cube, task, params, inside, image)
 
 
-def _entry_and_args(cube, task: str, overrides, inside: dict[str, str], image: str) -> list[str]:
-    from controller.taskargs import task_argv
+def _entry_and_args(cube: Cube, task: str, params: list[Param], inside: dict[str, str],
+                    image: str) -> list[str]:
+    from controller.taskargs import task_argv  # taskargs imports the cube model; keep it late
 
     spec = cube.task(task)
-    argv = task_argv(cube, task, dict(overrides or {}), path_for=lambda p: inside[p.name])
+    args = task_argv(cube, task, params, path_for=lambda p: inside[p.name], with_entry=False)
     if spec.entrypoint:  # MLCube's per-task entrypoint replaces ENTRYPOINT and the task name
         words = shlex.split(spec.entrypoint)
-        return ["--entrypoint", words[0], image, *words[1:], *argv[len(spec.entry or []):]]
-    return [image, task, *argv[len(cube.env.entry) + 1:]]
+        return ["--entrypoint", words[0], image, *words[1:], *args]
+    return [image, *args]
 
 
-def job_name(cube, task: str) -> str:
-    """A container name (Docker allows [a-zA-Z0-9][a-zA-Z0-9_.-]*), unique per run."""
+def job_name(cube: Cube, task: str) -> str:
+    """A container name (engines allow [a-zA-Z0-9][a-zA-Z0-9_.-]*), unique per run."""
     base = re.sub(r"[^a-zA-Z0-9_.-]+", "-", f"cube-{cube.name}-{task}").strip("-.")
     return f"{base}-{secrets.token_hex(3)}"
 
 
-def stop_container(ex: Executor, name: str, grace: float = 10.0) -> bool:
-    """`docker stop` (SIGTERM, SIGKILL after `grace`); False when no such container runs."""
-    result = ex.sh(shlex.join(["docker", "stop", "-t", str(int(grace)), name]),
-                   timeout=grace + 60)
-    return result.code == 0
-
-
-def container_running(ex: Executor, name: str) -> bool:
-    result = ex.sh(shlex.join(["docker", "ps", "-q", "--filter", f"name=^/{name}$"]))
-    return bool(result.stdout.strip())
-
-
-# ---- `cube run --runtime docker` -------------------------------------------------------------
-
-def run_task_in_docker(cube, task: str, overrides: dict[str, str], *, log: Log = print,
-                       grace: float = 10.0, executor: Executor | None = None,
-                       strategy: str | None = None, env: Mapping | None = None,
-                       cpus=None, memory=None, user: tuple[int, int] | None = None,
-                       name: str | None = None) -> int:
-    """controller.runtimes entry for local runs: image by its strategy (`ship` is `auto` here,
-    since the controller is the host), then the task in a container as this user; output to
-    the terminal and the task log. Returns the exit code."""
-    from controller.runner import run_process, task_log_path
-
-    ex = executor or LocalExecutor()
-    ensure_image(ex, cube, log, strategy=_local_strategy(cube, strategy))
-    name = name or job_name(cube, task)
-    argv = local_container_argv(cube, task, overrides, ex, name=name, user=user, env=env,
-                                cpus=cpus, memory=memory)
-    log_file = task_log_path(cube, task, overrides)
-    log(f"running {task} in container {name} ({image_name(cube)}): log {log_file}")
-    try:
-        return run_process(argv, cwd=cube.root, log_file=log_file, grace=grace)
-    finally:
-        if container_running(ex, name):  # the CLI was killed before its container ended
-            stop_container(ex, name, grace)
-        # One that was created but never started (e.g. no GPU driver) is not removed by --rm.
-        ex.sh(shlex.join(["docker", "rm", "-f", name]) + " >/dev/null 2>&1")
-
-
-def local_container_argv(cube, task: str, overrides, ex: Executor, *, name: str,
-                         user: tuple[int, int] | None = None, env: Mapping | None = None,
-                         cpus=None, memory=None) -> list[str]:
-    """container_argv for this machine: this user's uid:gid, this machine's GPUs, limits from
-    the arguments or mlcube.yaml docker.cpus / docker.memory; mount folders checked."""
-    from controller.taskargs import apply_param_overrides
-
-    uid, gid = user or (os.getuid(), os.getgid())
-    check_mount_sources(ex, plan_mounts(apply_param_overrides(cube, task, overrides))[0])
-    return container_argv(cube, task, overrides, image=image_name(cube), job_name=name,
-                          uid=uid, gid=gid, gpus=choose_gpus(cube, host_gpus(ex)), env=env,
-                          cpus=cpus or cube.docker.get("cpus"),
-                          memory=memory or cube.docker.get("memory"))
-
-
-def _local_strategy(cube, requested: str | None) -> str:
-    chosen = build_strategy(cube, requested)[0]
-    return "auto" if chosen == "ship" else chosen
-
-
-def plan_task(cube, task: str, overrides: dict[str, str], log: Log,
-              executor: Executor | None = None) -> list[str]:
-    """For `cube run --plan`: say what would happen to the image (without building or
-    pulling) and return the task's `docker run` argv (job name shown as <job>)."""
-    ex = executor or LocalExecutor()
-    strategy, why = build_strategy(cube)
-    found = image_id(ex, image_name(cube))
-    state = f"present as {short(found)}" if found else "absent"
-    log(f"image {image_name(cube)}: strategy {strategy} ({why}); {state} on this machine")
-    return container_argv(cube, task, overrides, image=image_name(cube), job_name="<job>",
-                          uid=os.getuid(), gid=os.getgid(), gpus=choose_gpus(cube, host_gpus(ex)),
-                          cpus=cube.docker.get("cpus"), memory=cube.docker.get("memory"))
-
-
-# ---- `cube remote run --runtime docker` ------------------------------------------------------
-def remote_launch_spec(conn, cube, per_task: dict[str, dict], path_for, layout, job_id: str,
-                       probe: dict, log: Log) -> dict:
-    """The agent's launch spec for a docker job: the image made present on the host by its
-    strategy, then one `docker run` per task, all named after the job (tasks run one after
-    another and --rm removes each, so the name is free again; `cancel` stops it by name)."""
-    where = f"host {getattr(getattr(conn, 'spec', None), 'name', None) or probe.get('hostname')}"
-    _require_engine(probe, where)
-    strategy = build_strategy(cube)[0]
-    if strategy == "ship":
-        ensure_ship_image(cube, LocalExecutor(), ConnTarget(conn), log, where)
-    else:
-        context = str(PurePosixPath(layout.cube_dir) / str(cube.docker.get("build_context") or "."))
-        ensure_image(conn, cube, log, strategy=strategy, context_dir=context, where=where)
-    uid, gid = _host_ids(conn, probe)
-    indexes = [g["index"] for g in probe.get("gpus") or [] if g.get("index") is not None]
-    gpus = choose_gpus(cube, indexes)
-    name = f"cube-{re.sub(r'[^a-zA-Z0-9_.-]+', '-', job_id)}"
-    tasks = []
-    for task, overrides in per_task.items():
-        argv = container_argv(cube, task, overrides, image=image_name(cube), job_name=name,
-                              uid=uid, gid=gid, gpus=gpus, path_map=path_for,
-                              cpus=cube.docker.get("cpus"), memory=cube.docker.get("memory"))
-        folders = [m.host for m in _task_mounts(cube, task, overrides, path_for)]
-        tasks.append({"name": task, "argv": with_folders(folders, argv), "cwd": layout.cube_dir})
-    return {"tasks": tasks, "docker_container": name}
+def host_job_name(job_id: str) -> str:
+    """A host job's container: every task's, one after another (--rm frees the name)."""
+    return f"cube-{re.sub(r'[^a-zA-Z0-9_.-]+', '-', job_id)}"
 
 
 def with_folders(folders: list[str], argv: list[str]) -> list[str]:
-    """argv run after `mkdir -p` of the mount folders, made by the host user just before the
-    task (--mount refuses missing ones; a job's outputs, and inputs an earlier task of the
-    job writes, exist only then). `exec` keeps one process, so signals reach `docker run`."""
+    """argv run after `mkdir -p` of the mount folders, made by the target's user just before
+    the task (--mount refuses missing ones; a job's outputs, and inputs an earlier task of the
+    job writes, exist only then). `exec` keeps one process, so signals reach `ENGINE run`."""
     script = f"mkdir -p -- {shlex.join(folders)} && exec \"$@\"" if folders else 'exec "$@"'
     return ["/bin/sh", "-c", script, "sh", *argv]
 
 
-def _task_mounts(cube, task: str, overrides, path_for) -> list[Mount]:
-    from controller.taskargs import apply_param_overrides
-
-    return plan_mounts(apply_param_overrides(cube, task, overrides), path_for)[0]
-
-
-def _require_engine(probe: dict, where: str) -> None:
-    info = probe.get("docker") or {}
-    if info and not info.get("reachable"):
-        raise CubeError(f"The docker runtime cannot run on {where}: {info.get('error')}.",
-                        info.get("hint") or "Check `docker info` on that host.")
+def stop_container(ex: Executor, name: str, grace: float = 10.0, engine: str = "docker") -> bool:
+    """`ENGINE stop` (SIGTERM, SIGKILL after `grace`); False when no such container runs."""
+    result = ex.sh(shlex.join([engine, "stop", "-t", str(int(grace)), name]),
+                   timeout=grace + 60)
+    return result.code == 0
 
 
-def _host_ids(conn, probe: dict) -> tuple[int, int]:
-    """The host user's uid:gid, so outputs there (and pulled back) are not owned by root."""
-    if "uid" in probe and "gid" in probe:
-        return int(probe["uid"]), int(probe["gid"])
-    result = conn.sh("id -u; id -g")
-    uid, gid = result.stdout.split()[:2]
-    return int(uid), int(gid)
+def container_running(ex: Executor, name: str, engine: str = "docker") -> bool:
+    # Docker reports names with a leading slash to the filter, podman without.
+    result = ex.sh(shlex.join([engine, "ps", "-q", "--filter", f"name=^/?{name}$"]))
+    return bool(result.stdout.strip())
+
+
+# ---- the runtime -----------------------------------------------------------------------------
+
+class ContainerRuntime:
+    """prepare(plan, target, layout, facts, log) for one engine: the engine checked, the image
+    present by its strategy, then one container per task as the target's user."""
+
+    name = "docker"
+    engine = "docker"
+
+    def prepare(self, plan: JobPlan, target: Target, layout: JobLayout, facts: HostFacts,
+                log: Log, *, dry_run: bool = False) -> LaunchSpec:
+        cube, on_host = plan.cube, isinstance(layout, HostLayout)
+        info = self.check(target, facts)
+        image = self.image(cube, target, layout, log, on_host=on_host, dry_run=dry_run)
+        uid, gid = self.user(info, facts)
+        gpus = choose_gpus(cube, facts.gpus)
+        limits = ulimits(cube)
+        tasks = []
+        for task in plan.tasks:
+            name = (host_job_name(layout.job_id) if isinstance(layout, HostLayout)
+                    else job_name(cube, task.name))
+            argv = container_argv(cube, task.name, task.params, image=image_name(cube),
+                                  job_name=name, uid=uid, gid=gid, engine=self.engine,
+                                  gpus=gpus, cpus=cube.docker.get("cpus"),
+                                  memory=cube.docker.get("memory"), limits=limits,
+                                  path_map=layout.path_for)
+            folders = [m.host for m in plan_mounts(task.params, layout.path_for)[0]]
+            tasks.append(TaskLaunch(task.name, with_folders(folders, argv), layout.cube_dir,
+                                    container=name))
+        return LaunchSpec(self.name, tasks, env_key=image or "", engine=self.engine)
+
+    def check(self, target: Target, facts: HostFacts) -> EngineInfo:
+        """The engine answers: from the host's probe when it reports this engine (no extra
+        round trip), else asked directly, which also tells whether podman runs rootless."""
+        probed = facts.engine(self.engine)
+        if probed and not probed.get("reachable"):
+            raise CubeError(f"The {self.name} runtime cannot run on {target.name}: "
+                            f"{probed.get('error')}.",
+                            probed.get("hint") or f"Check `{self.engine} info` there.")
+        if probed and (self.engine == "docker" or "rootless" in probed):
+            return EngineInfo(self.engine, str(probed.get("server_version") or "?"),
+                              bool(probed.get("rootless")))
+        return engine_info(target, target.name, self.engine)
+
+    def image(self, cube: Cube, target: Target, layout: JobLayout, log: Log, *,
+              on_host: bool, dry_run: bool) -> str | None:
+        """The image's ID on the target's engine. `ship` sends this machine's image to a host;
+        on this machine it means `auto`. A dry run only says what would happen."""
+        strategy, why = build_strategy(cube)
+        if strategy == "ship" and not on_host:
+            strategy, why = "auto", "ship means auto on this machine"
+        if dry_run:
+            log(image_plan(target, cube, strategy, why, target.name, self.engine))
+            return image_id(target, image_name(cube), self.engine)
+        if strategy == "ship":
+            return ensure_ship_image(cube, LocalExecutor(), target, log, target.name,
+                                     self.engine)
+        context = posixpath.join(layout.cube_dir, str(cube.docker.get("build_context") or "."))
+        return ensure_image(target, cube, log, strategy=strategy, context_dir=context,
+                            where=target.name, engine=self.engine)
+
+    def user(self, info: EngineInfo, facts: HostFacts) -> tuple[int, int]:
+        """Who the container runs as, so that outputs belong to the target's user: that
+        uid:gid; under rootless podman container root, which IS that user outside (with
+        --userns=keep-id instead, the image's own binaries could not be executed)."""
+        return (0, 0) if info.rootless else facts.uid_gid
+
+
+class DockerRuntime(ContainerRuntime):
+    name = "docker"
+    engine = "docker"

@@ -1,9 +1,10 @@
-"""Docker images for the docker runtime: the engine check, the build strategy (pull, build,
-auto, ship), getting a cube's image onto an engine (ensure_image, rebuilt only when the build
-context's hash label changed), and shipping the controller's image to a host over SSH.
+"""Container images for the docker and podman runtimes: the engine check, the build strategy
+(pull, build, auto, ship), getting a cube's image onto an engine (ensure_image, rebuilt only when
+the build context's hash label changed), and shipping the controller's image to a host over SSH.
 
-Every engine call is a shell command given to an executor (`sh(command) -> ExecResult`), see
-controller.runtimes.docker for why the CLI and not the docker SDK.
+Every engine call is a shell command given to a target (`sh(command) -> ExecResult`) and names
+its engine: podman speaks docker's CLI for everything used here, so one code path serves both
+(controller.runtimes.docker says why the CLI and not the docker SDK).
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ import hashlib
 import shlex
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
+
+import pathspec
 
 from controller.errors import ConfigError, CubeError
-from controller.provision import ExecResult, Executor, StepFailed, run_playbook
+from controller.provision import StepFailed, run_playbook
+from controller.streams import Stream
+from controller.target import ExecResult, Executor
 
 STRATEGIES = ("pull", "build", "auto", "ship")
 ALIASES = {"always": "build"}        # MLCube's name for "build every time"
@@ -27,37 +33,71 @@ Log = Callable[[str], None]
 
 # ---- engine ----------------------------------------------------------------------------------
 
-def check_engine(ex: Executor, where: str = "this machine") -> str:
+ENGINES = ("docker", "podman")
+# What to install where an engine's CLI is missing (Debian/Ubuntu package names).
+INSTALL = {"docker": "apt-get install docker.io", "podman": "apt-get install podman uidmap"}
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str                  # docker | podman: the CLI every call runs
+    version: str
+    rootless: bool = False     # podman run by a non-root user: container root is that user
+
+
+def check_engine(ex: Executor, where: str = "this machine", engine: str = "docker") -> str:
     """The engine's server version, or a CubeError saying what is wrong and how to fix it."""
-    result = ex.sh("docker version --format 'server {{.Server.Version}}'", timeout=60)
+    return engine_info(ex, where, engine).version
+
+
+def engine_info(ex: Executor, where: str = "this machine", engine: str = "docker") -> EngineInfo:
+    """One call that checks the engine answers and, for podman, whether it runs rootless
+    (`podman info` knows; a version query alone would not touch the user's storage)."""
+    if engine == "podman":
+        fmt = "server {{.Version.Version}} rootless={{.Host.Security.Rootless}}"
+        result = ex.sh(f"podman info --format {shlex.quote(fmt)}", timeout=60)
+    else:
+        result = ex.sh("docker version --format 'server {{.Server.Version}}'", timeout=60)
     if result.code == 0 and "server" in result.stdout:
-        return result.stdout.split("server", 1)[1].strip()
-    raise engine_error(result, where)
+        words = result.stdout.split("server", 1)[1].split()
+        return EngineInfo(engine, words[0] if words else "?", "rootless=true" in words)
+    raise engine_error(result, where, engine)
 
 
-def engine_error(result: ExecResult, where: str) -> CubeError:
-    text = result.output
+def engine_error(result: ExecResult, where: str, engine: str = "docker") -> CubeError:
+    text, title = result.output, engine.capitalize()
     if result.code == 127 or "command not found" in text or "No such file" in text:
-        return CubeError(f"The Docker CLI is not installed on {where}.",
-                         "Install Docker (Debian/Ubuntu: apt-get install docker.io), or run "
-                         "with --runtime python.")
-    if "permission denied" in text.lower():
+        return CubeError(f"The {title} CLI is not installed on {where}.",
+                         f"Install {title} (Debian/Ubuntu: {INSTALL.get(engine, engine)}), or "
+                         "run with --runtime python.")
+    if engine == "docker" and "permission denied" in text.lower():
         return CubeError(f"The Docker engine on {where} refused this user: permission denied "
                          "on its socket (/var/run/docker.sock).",
                          "Add the user to the docker group (sudo usermod -aG docker $USER) "
-                         "and log in again.")
+                         "and log in again, or use --runtime podman (rootless).")
     if "Cannot connect to the Docker daemon" in text or "Is the docker daemon running" in text:
         return CubeError(f"The Docker engine on {where} is not running (the CLI cannot "
                          "connect to it).", "Start it: sudo systemctl start docker, or "
                          "scripts/docker-up.sh on a machine without systemd.")
-    return CubeError(f"The Docker engine on {where} did not answer (exit {result.code}): "
-                     f"{_tail(text, 5)}", "Check `docker info` on that machine.")
+    if engine == "podman" and ("newuidmap" in text or "subuid" in text or "subgid" in text):
+        return CubeError(f"Rootless podman on {where} cannot map user IDs: {_tail(text, 3)}",
+                         "Install uidmap (apt-get install uidmap) and give the user ranges in "
+                         "/etc/subuid and /etc/subgid (usermod --add-subuids 100000-165535 "
+                         "--add-subgids 100000-165535 USER), then `podman system migrate`.")
+    fix = "Check `podman info` on that machine (scripts/podman-up.sh sets it up)." \
+        if engine == "podman" else "Check `docker info` on that machine."
+    return CubeError(f"The {title} engine on {where} did not answer (exit {result.code}): "
+                     f"{_tail(text, 5)}", fix)
 
 
-def image_id(ex: Executor, ref: str) -> str | None:
+def image_id(ex: Executor, ref: str, engine: str = "docker") -> str | None:
     """`sha256:...` of an image (by name or ID) on the executor's engine, None when absent."""
-    result = ex.sh(f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)}", timeout=60)
-    return result.stdout.strip() if result.code == 0 and result.stdout.strip() else None
+    result = ex.sh(f"{engine} image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)}",
+                   timeout=60)
+    found = result.stdout.strip()
+    if result.code != 0 or not found:
+        return None
+    return found if found.startswith("sha256:") else f"sha256:{found}"  # podman: bare hex
 
 
 def short(image_ref: str | None) -> str:
@@ -122,8 +162,6 @@ def context_hash(cube) -> str:
 
 
 def _context_files(cube, context: Path) -> set[Path]:
-    import pathspec
-
     ignore_file = context / ".dockerignore"
     lines = ignore_file.read_text().splitlines() if ignore_file.is_file() else []
     spec = pathspec.GitIgnoreSpec.from_lines(lines)
@@ -137,12 +175,13 @@ def _context_files(cube, context: Path) -> set[Path]:
 # ---- getting the image onto an engine --------------------------------------------------------
 
 def ensure_image(ex: Executor, cube, log: Log, *, strategy: str | None = None,
-                 context_dir: str | None = None, where: str = "this machine") -> str:
+                 context_dir: str | None = None, where: str = "this machine",
+                 engine: str = "docker") -> str:
     """Make the cube's image present on the executor's engine by `pull`, `build` or `auto`
-    (playbooks/docker.yaml) and return its ID. `context_dir` is the build context on that
-    machine (default: the cube's own, for local runs). `ship` is ship_image's job.
-    A present image is never re-pulled (runs stay offline-safe; refresh a moving tag with
-    `docker pull`); `build` rebuilds only when the build context's hash changed."""
+    (playbooks/docker.yaml, run with the engine's CLI) and return its ID. `context_dir` is the
+    build context on that machine (default: the cube's own, for local runs). `ship` is
+    ship_image's job. A present image is never re-pulled (runs stay offline-safe; refresh a
+    moving tag with `docker pull`); `build` rebuilds only when the build context's hash changed."""
     image = image_name(cube)
     strategy = strategy or build_strategy(cube)[0]
     if strategy == "ship":
@@ -152,17 +191,29 @@ def ensure_image(ex: Executor, cube, log: Log, *, strategy: str | None = None,
     if strategy == "build" and dockerfile is None:
         raise _no_dockerfile(cube)
     context = context_dir or str(build_context(cube))
-    variables = {"image": image, "strategy": strategy, "context": context,
+    variables = {"engine": engine, "image": image, "strategy": strategy, "context": context,
                  "build_file": str(PurePosixPath(context) / _build_file(cube)),
                  "context_hash": context_hash(cube) if dockerfile else "",
                  "has_dockerfile": dockerfile is not None}
     try:
         steps = run_playbook("docker", variables, ex, lambda _m: None)
     except StepFailed as err:
-        raise _translate(err, cube, image, where) from None
-    found = image_id(ex, image)
+        raise _translate(err, cube, image, where, engine) from None
+    found = image_id(ex, image, engine)
+    if found is None:
+        raise CubeError(f"{engine} reports image {image} missing on {where} right after making "
+                        "it present.", f"Check `{engine} image ls` there.")
     _report(steps, found, log)
     return found
+
+
+def image_plan(ex: Executor, cube, strategy: str, why: str, where: str,
+               engine: str = "docker") -> str:
+    """What ensure_image/ship would do, said without building, pulling or sending anything."""
+    image = image_name(cube)
+    found = image_id(ex, image, engine)
+    state = f"present as {short(found)}" if found else "absent"
+    return f"image {image}: strategy {strategy} ({why}); {state} on {where}"
 
 
 def _build_file(cube) -> str:
@@ -179,13 +230,13 @@ def _report(steps, found: str | None, log: Log) -> None:
             log(f"pulled image {short(found)}")
 
 
-def _translate(err: StepFailed, cube, image: str, where: str) -> CubeError:
+def _translate(err: StepFailed, cube, image: str, where: str, engine: str) -> CubeError:
     if err.step == "engine reachable":
-        return engine_error(err.result, where)
+        return engine_error(err.result, where, engine)
     tail = _tail(err.result.output, TAIL_LINES)
     if err.step == "build":
-        return CubeError(f"Building image {image} from {dockerfile_path(cube)} on {where} "
-                         f"failed (exit {err.result.code}). Last lines:\n{_indent(tail)}",
+        return CubeError(f"Building image {image} from {dockerfile_path(cube)} with {engine} on "
+                         f"{where} failed (exit {err.result.code}). Last lines:\n{_indent(tail)}",
                          "Fix the Dockerfile step shown above, then run again.")
     return CubeError(f"Image {image} is not on {where} and could not be pulled "
                      f"(exit {err.result.code}):\n{_indent(tail)}",
@@ -203,129 +254,90 @@ def _no_dockerfile(cube) -> ConfigError:
 
 # ---- ship: controller -> host over a byte stream ---------------------------------------------
 
-class StdinSink(Protocol):
-    """A command running on the host, fed through its stdin."""
-    def write(self, data: bytes) -> object: ...
-    def wait(self) -> ExecResult: ...            # closes stdin, waits for the command
+class StreamTarget(Executor, Protocol):
+    """What shipping needs of the receiving side: a shell, and a command fed bulk bytes
+    (controller.target.Target has both)."""
+
+    def open_stream(self, argv: Sequence[str]) -> Stream: ...
 
 
-class ShipTarget(Executor, Protocol):
-    def open_remote_stdin(self, argv: list[str]) -> StdinSink: ...
-
-
-def ship_image(image: str, local: Executor, remote: ShipTarget, log: Log,
-               where: str = "the host") -> str:
-    """Send the controller's image to the host's engine (`docker save | docker load`), unless
-    the host already has that image ID (then at most a `docker tag`). Returns the ID."""
-    local_id = image_id(local, image)
+def ship_image(image: str, local: Executor, remote: StreamTarget, log: Log,
+               where: str = "the host", engine: str = "docker") -> str:
+    """Send the controller's image to the host's engine (`ENGINE save | ENGINE load`), unless
+    the host already has that image ID (then at most a tag). Returns the ID. `local` is the
+    controller's engine, where `save` runs."""
+    local_id = image_id(local, image, engine)
     if local_id is None:
-        raise CubeError(f"Image {image} is not on the controller, so it cannot be shipped.",
-                        "Build or pull it here first (the ship strategy does this through "
-                        "ensure_ship_image).")
-    if image_id(remote, image) == local_id:
+        raise CubeError(f"Image {image} is not in the controller's {engine} engine, so it cannot "
+                        "be shipped.", "Build or pull it here first (the ship strategy does "
+                        "this through ensure_ship_image).")
+    if image_id(remote, image, engine) == local_id:
         log(f"host already has image {short(local_id)}, nothing to ship")
         return local_id
-    if image_id(remote, local_id) == local_id:
-        _check(remote.sh(shlex.join(["docker", "tag", local_id, image])), f"tag on {where}")
+    bare = local_id.removeprefix("sha256:")   # both CLIs take the bare ID; podman no prefix
+    if image_id(remote, bare, engine) == local_id:
+        _check(remote.sh(shlex.join([engine, "tag", bare, image])), engine, f"tag on {where}")
         log(f"host already has image {short(local_id)}, nothing to ship (tagged {image})")
         return local_id
-    sent, seconds = _stream_save(image, remote, where)
-    if image_id(remote, image) != local_id:
+    sent, seconds = _stream_save(image, remote, where, engine)
+    if image_id(remote, image, engine) != local_id:
         raise CubeError(f"Shipping image {image} to {where} finished, but the host's image ID "
                         "differs from the controller's.", "Run again; if it persists, check "
-                        "the host's disk space (docker system df).")
+                        f"the host's disk space ({engine} system df).")
     log(f"shipped image {short(local_id)} to {where} ({sent / 1e6:.1f} MB in {seconds:.1f} s)")
     return local_id
 
 
-def _stream_save(image: str, remote: ShipTarget, where: str) -> tuple[int, float]:
+def _stream_save(image: str, remote: StreamTarget, where: str, engine: str) -> tuple[int, float]:
     start, sent = time.monotonic(), 0
-    sink = remote.open_remote_stdin(["docker", "load", "--quiet"])
-    save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE,
+    stream = remote.open_stream([engine, "load", "--quiet"])
+    save = subprocess.Popen([engine, "save", image], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         while chunk := save.stdout.read(CHUNK):
-            sink.write(chunk)
+            stream.write(chunk)
             sent += len(chunk)
     except (BrokenPipeError, ConnectionError, OSError):
-        save.kill()  # the host's `docker load` stopped reading: its error says why
+        save.kill()  # the host's `load` stopped reading: its error says why
     finally:
         save.stdout.close()
         save_err = save.stderr.read().decode(errors="replace")
         save.wait()
-    loaded = sink.wait()
+    loaded = _finish(stream)
     if loaded.code != 0:
-        raise CubeError(f"`docker load` on {where} failed (exit {loaded.code}): "
+        raise CubeError(f"`{engine} load` on {where} failed (exit {loaded.code}): "
                         f"{_tail(loaded.output, 5)}", "Check the host's disk space and engine.")
     if save.returncode != 0:
-        raise CubeError(f"`docker save {image}` on the controller failed: {_tail(save_err, 5)}",
-                        "Check that the image exists here (docker image ls).")
+        raise CubeError(f"`{engine} save {image}` on the controller failed: "
+                        f"{_tail(save_err, 5)}", f"Check that the image exists here "
+                        f"({engine} image ls).")
     return sent, time.monotonic() - start
 
 
-def ensure_ship_image(cube, local: Executor, remote: ShipTarget, log: Log,
-                      where: str = "the host") -> str:
+def _finish(stream: Stream) -> ExecResult:
+    try:
+        stream.close_stdin()
+        code = stream.wait()
+        return ExecResult(code, "", stream.stderr_text())
+    finally:
+        stream.close()
+
+
+def ensure_ship_image(cube, local: Executor, remote: StreamTarget, log: Log,
+                      where: str = "the host", engine: str = "docker") -> str:
     """The `ship` strategy: the image on the controller (auto: present, else built or
     pulled here), then sent to the host's engine."""
-    check_engine(remote, where)
-    ensure_image(local, cube, log, strategy="auto")
-    return ship_image(image_name(cube), local, remote, log, where)
-
-
-class LocalStdin:
-    """open_remote_stdin for this machine (tests, and `ship` to a second local engine)."""
-
-    def __init__(self, argv: list[str], env: dict | None = None):
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
-
-    def write(self, data: bytes) -> int:
-        return self.proc.stdin.write(data)
-
-    def wait(self) -> ExecResult:
-        out, err = self.proc.communicate()
-        return ExecResult(self.proc.returncode, out.decode(errors="replace"),
-                          err.decode(errors="replace"))
-
-
-class StreamSink:
-    """StdinSink over a controller.streams Stream (an SSH channel or a local process)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, data: bytes) -> int:
-        return self.stream.write(data)
-
-    def wait(self) -> ExecResult:
-        try:
-            self.stream.close_stdin()
-            code = self.stream.wait()
-            return ExecResult(code, "", self.stream.stderr_text())
-        finally:
-            self.stream.close()
-
-
-class ConnTarget:
-    """A HostConnection as a ship target: `sh` as is, stdin streams on its SSH transport."""
-
-    def __init__(self, conn):
-        self.conn = conn
-
-    def sh(self, command: str, *, timeout: float | None = None) -> ExecResult:
-        return self.conn.sh(command, timeout=timeout)
-
-    def open_remote_stdin(self, argv: list[str]) -> StreamSink:
-        from controller.streams import exec_stream
-
-        return StreamSink(exec_stream(self.conn.client, shlex.join(argv)))
+    check_engine(remote, where, engine)
+    ensure_image(local, cube, log, strategy="auto", engine=engine)
+    return ship_image(image_name(cube), local, remote, log, where, engine)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-def _check(result: ExecResult, what: str) -> ExecResult:
+def _check(result: ExecResult, engine: str, what: str) -> ExecResult:
     if result.code != 0:
-        raise CubeError(f"docker {what} failed (exit {result.code}): {_tail(result.output, 5)}")
+        raise CubeError(f"{engine} {what} failed (exit {result.code}): {_tail(result.output, 5)}",
+                        f"Run the same `{engine}` command on that machine to see why.")
     return result
 
 
