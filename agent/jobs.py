@@ -168,9 +168,10 @@ def cancel(args):
     state = load_state(path)
     if state["state"] in ACTIVE_STATES and state.get("pid"):
         signal_pid(state["pid"], signal.SIGTERM)  # the supervisor stops the task and records it
-    container = load_json(os.path.join(path, "spec.json")).get("docker_container")
-    if container:
-        docker_stop(container, args.grace)
+    spec = load_json(os.path.join(path, "spec.json"))
+    if spec.get("docker_container"):
+        container_stop(spec.get("container_engine") or "docker", spec["docker_container"],
+                       args.grace)
     state = wait_final(path, args.grace + 10.0)
     if state["state"] in ACTIVE_STATES or state["state"] == "lost":
         state = cancel_without_supervisor(path, state, args.grace)
@@ -182,12 +183,13 @@ def signal_pid(pid, signum):
         os.kill(pid, signum)
 
 
-def docker_stop(container, grace):
-    """Killing the docker CLI does not stop its container: ask the daemon. Errors (already
-    gone, never started) change nothing for the job's state, so they are ignored."""
-    if shutil.which("docker"):
+def container_stop(engine, container, grace):
+    """Killing the engine's CLI (docker or podman run) does not stop its container: ask the
+    engine. Errors (already gone, never started) change nothing for the job's state, so they
+    are ignored."""
+    if shutil.which(engine):
         with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            subprocess.run(["docker", "stop", "-t", str(int(grace)), container],
+            subprocess.run([engine, "stop", "-t", str(int(grace)), container],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=grace + 30.0)
 

@@ -77,10 +77,15 @@ def supervise(args):
     return None
 
 
-def task_env(spec):
+def task_env(spec, task=None):
+    """The job's environment, then the task's own; its path_prepend folders first on PATH."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so a followed log shows lines as they happen
     env.update(spec.get("env") or {})
+    env.update((task or {}).get("env") or {})
+    prepend = (task or {}).get("path_prepend") or []
+    if prepend:
+        env["PATH"] = os.pathsep.join(list(prepend) + [env.get("PATH", "")])
     return env
 
 
@@ -97,7 +102,6 @@ def task_cwd(root, path, spec, task):
 def run_tasks(path, spec, state, cancel):
     """Run the tasks in order, stopping at the first failure: (final state, exit code, error)."""
     root = os.path.dirname(os.path.dirname(path))
-    env = task_env(spec)
     log_fd = os.open(os.path.join(path, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                      0o644)
     try:
@@ -106,7 +110,7 @@ def run_tasks(path, spec, state, cancel):
                 return "cancelled", None, None
             try:
                 proc = subprocess.Popen(task["argv"], cwd=task_cwd(root, path, spec, task),
-                                        env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                        env=task_env(spec, task), stdin=subprocess.DEVNULL, stdout=log_fd,
                                         stderr=subprocess.STDOUT, start_new_session=True)
             except OSError as err:
                 message = "cube-agent: cannot start task %r: %s" % (task["name"], err)
