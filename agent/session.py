@@ -82,9 +82,10 @@ def sh(args):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=args.timeout)
     except subprocess.TimeoutExpired as err:
-        return {"code": 124, "stdout": decode(err.stdout),
-                "stderr": decode(err.stderr) + "\ntimed out after %s s" % args.timeout}
-    return {"code": proc.returncode, "stdout": decode(proc.stdout), "stderr": decode(proc.stderr)}
+        return {"code": 124, "stdout": decode(err.stdout), "timed_out": True,
+                "stderr": decode(err.stderr) + "\ntimed out after %g s" % args.timeout}
+    return {"code": proc.returncode, "stdout": decode(proc.stdout), "stderr": decode(proc.stderr),
+            "timed_out": False}
 
 
 def decode(data):

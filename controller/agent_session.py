@@ -1,4 +1,4 @@
-"""One long-lived agent process per connection (`cube_agent.py serve`), spoken to in JSON lines.
+"""One long-lived agent process per connection (`AGENT.pyz serve`), spoken to in JSON lines.
 
 Every SSH command pays for a login shell and a Python start on the host: 0.5 s here, where the
 user's ~/.bashrc runs `pyenv init`. A remote run makes a dozen small requests (probe, manifests,
@@ -19,9 +19,10 @@ from controller.errors import CubeError
 
 AGENT_MISSING = 97  # exit code of START_SCRIPT when this agent version is not on the host yet
 
-# Expands a leading ~ of the root on the host, then starts the agent if this version is there.
+# Expands a leading ~ of the root on the host, then starts the agent if this version is there:
+# `sh -c START_SCRIPT sh ROOT DIGEST` runs `python3 ROOT/agent/DIGEST.pyz --root ROOT serve`.
 START_SCRIPT = ('r="$1"; case "$r" in "~"|"~/"*) r="$HOME${r#?}";; esac; '
-                'a="$r/agent/$2/cube_agent.py"; [ -f "$a" ] || exit 97; '
+                'a="$r/agent/$2.pyz"; [ -f "$a" ] || exit 97; '
                 'exec python3 "$a" --root "$r" serve')
 
 
@@ -39,9 +40,9 @@ class AgentSession:
         self.greeting = self._read_greeting()
 
     @classmethod
-    def start(cls, transport: paramiko.Transport, host: str, root: str, digest: str,
+    def start(cls, channel: paramiko.Channel, host: str, root: str, digest: str,
               timeout: float) -> "AgentSession":
-        channel = transport.open_session(timeout=timeout)
+        """Start the agent of `digest` on a fresh channel; AgentMissing when it is absent."""
         channel.exec_command(shlex.join(["sh", "-c", START_SCRIPT, "sh", root, digest]))
         return cls(channel, host, timeout)
 

@@ -34,9 +34,15 @@ def lab_dir() -> Path:
     return cube_home() / "lab"
 
 
-def agent_source() -> Path:
-    """The single-file agent uploaded to hosts (also importable locally as agent.cube_agent)."""
-    return REPO_ROOT / "agent" / "cube_agent.py"
+def agent_package() -> Path:
+    """The agent package: built into a zipapp for hosts (controller.agent_bundle), imported
+    here for the controller's side of sync (`from agent import sync`)."""
+    return REPO_ROOT / "agent"
+
+
+def local_agent_dir() -> Path:
+    """Where this machine keeps its own copy of the agent zipapp (LocalTarget runs it)."""
+    return cube_home() / "agent"
 
 
 def playbooks_dir() -> Path:

@@ -9,24 +9,22 @@ it is skipped, with the reason recorded) or its `when` Jinja expression is false
 caller's variables and `run_id`, a fresh token per run for temporary names); `on_failure` runs
 after a failed step to clean up. Checks must not change anything: dry runs execute them.
 
-The same runner serves local runs (LocalExecutor) and remote hosts (an executor wrapping an
-SSH connection): all it needs is `sh(command, timeout=None) -> ExecResult`.
+The same runner serves this machine (LocalTarget, alias LocalExecutor) and hosts (HostTarget):
+all it needs of a Target is `sh(command, timeout=None) -> ExecResult` (the Executor protocol).
 """
 
 from __future__ import annotations
 
 import secrets
 import shlex
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import yaml
 
 from controller.errors import ConfigError, CubeError
-from controller.target import ExecResult, Executor  # noqa: F401 (re-exported)
+from controller.target import ExecResult, Executor, LocalTarget  # noqa: F401 (re-exported)
 from controller.paths import playbooks_dir
 
 TAIL_LINES = 20
@@ -34,25 +32,8 @@ STEP_KEYS = {"name", "run", "check", "when", "timeout"}
 PLAYBOOK_KEYS = {"name", "description", "check", "vars", "on_failure", "steps"}
 
 
-class LocalExecutor:
-    """Runs commands with `bash -c` on this machine (for `cube run`); /bin/sh where there is
-    no bash, which is why the built-in playbooks stick to POSIX sh."""
-
-    def __init__(self, shell: str | None = None):
-        self.shell = shell or shutil.which("bash") or "/bin/sh"
-
-    def sh(self, command: str, *, timeout: float | None = None) -> ExecResult:
-        try:
-            proc = subprocess.run([self.shell, "-c", command], capture_output=True, text=True,
-                                  timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as err:
-            note = f"\ntimed out after {timeout} s"
-            return ExecResult(124, _text(err.stdout), _text(err.stderr) + note)
-        return ExecResult(proc.returncode, proc.stdout, proc.stderr)
-
-
-def _text(data) -> str:
-    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+# `cube run` provisions this machine: its Target is the Executor (kept under its old name).
+LocalExecutor = LocalTarget
 
 
 @dataclass

@@ -17,7 +17,7 @@ import io
 import json
 import subprocess
 import tempfile
-from typing import Protocol
+from typing import Callable, Protocol
 
 import paramiko
 
@@ -159,11 +159,13 @@ class ProcessStream:
 
 class SessionStream:
     """The same interface, carried inside the agent session: what is written becomes one
-    request's stdin when stdin closes, and the answer (a `send` verb's tar, or any verb's JSON)
-    is what reads return. For small transfers only: both ends are held in memory."""
+    request's stdin when stdin closes, and the answer is what reads return: a `send` verb's tar,
+    or the JSON answer line that the verb would print on its own. For small transfers only:
+    both ends are held in memory. `exchange(message) -> answer` is the session's
+    (controller.agent_client.AgentClient.exchange)."""
 
-    def __init__(self, conn, verb_args: list[str]):
-        self._conn, self._verb_args = conn, [str(a) for a in verb_args]
+    def __init__(self, exchange: Callable[[dict], dict], verb_args: list[str]):
+        self._exchange, self._verb_args = exchange, [str(a) for a in verb_args]
         self._in, self._out = io.BytesIO(), io.BytesIO()
         self._err, self._code = "", None
 
@@ -173,17 +175,15 @@ class SessionStream:
     def close_stdin(self) -> None:
         verb, *args = self._verb_args
         capture = verb == "send"
-        answer = self._conn.agent_exchange({
+        answer = self._exchange({
             "verb": verb, "args": args, "capture": capture,
             "input_b64": base64.b64encode(self._in.getvalue()).decode("ascii")})
         if not answer.get("ok"):
-            self._err = json.dumps({"error": answer.get("error"), "hint": answer.get("hint")})
-            self._code = 1
+            self._err, self._code = json.dumps(answer), 1
             return
-        result = answer["result"]
-        body = base64.b64decode(result["stdout_b64"]) if capture else json.dumps(result).encode()
-        self._out = io.BytesIO(body)
-        self._code = 0
+        body = base64.b64decode(answer["result"]["stdout_b64"]) if capture \
+            else json.dumps(answer).encode()
+        self._out, self._code = io.BytesIO(body), 0
 
     def read(self, n: int = -1) -> bytes:
         return self._out.read(n)

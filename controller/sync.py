@@ -1,24 +1,20 @@
 """Sync without rsync: manifests on both sides, only changed files (or changed blocks) travel as
 one tar stream over one channel, and every file lands by temp name + sha256 check + rename.
 
-The primitives (scan, plan, write_stream, apply_stream) live in the agent file so that push (we
-write, the host's `receive` applies) and pull (the host's `send` writes, we apply) share one
-implementation. This module adds what only the controller knows: `.cubeignore`, the local hash
-cache under CUBE_HOME, progress bars, and errors for the user.
+The primitives (scan, plan, write_stream, apply_stream) live in the agent package
+(`agent.sync`) so that push (we write, the host's `receive` applies) and pull (the host's `send`
+writes, we apply) share one implementation. This module adds what only the controller knows:
+`.cubeignore`, the local hash cache under CUBE_HOME, progress bars, and errors for the user.
 
-A connection needs (controller.transport.HostConnection has them):
-    conn.agent_argv(verb, *args) -> list[str]   # argv that runs the agent on the host
-    conn.agent_session / conn.agent(verb, *args) -> dict   # optional: manifests are asked of
-                                                           # the connection's long-lived agent
-and either conn.stream(argv) -> controller.streams.Stream, or conn.client (paramiko SSHClient),
-over which a tuned channel is opened (see controller.streams).
+The other side is any controller.target.Target: its agent answers the manifest
+(`target.agent("manifest", ...)`) and one `target.agent_stream(verb, ..., size=)` per transfer
+carries the bytes (a tuned SSH channel, or inside the agent session when small).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,10 +23,11 @@ from pathlib import Path
 
 import pathspec
 
-from agent import cube_agent as agent
+from agent import sync as agent
 from controller import paths as cube_paths
-from controller import streams
 from controller.errors import CubeError
+from controller.streams import Stream
+from controller.target import Target
 
 IGNORE_FILE = ".cubeignore"
 PROGRESS_MIN_BYTES = 16 << 20   # smaller transfers finish before a bar is worth drawing
@@ -44,7 +41,7 @@ class SyncReport:
     seconds: float = 0.0
 
 
-def push(conn, local_dir, remote_dir: str, *, paths=None, ignore=True, delete=True,
+def push(target: Target, local_dir, remote_dir: str, *, paths=None, ignore=True, delete=True,
          progress=None, exclude=()) -> SyncReport:
     """Make remote_dir (relative to the host's cube root, or absolute) a copy of local_dir.
     `exclude`: relative folders left out on both sides (neither sent nor deleted)."""
@@ -53,30 +50,31 @@ def push(conn, local_dir, remote_dir: str, *, paths=None, ignore=True, delete=Tr
         raise CubeError(f"Cannot push '{local_dir}': it is not a directory.",
                         "Pass the cube's directory.")
     with ThreadPoolExecutor(1) as pool:   # the host scans while we scan
-        remote_job = pool.submit(remote_manifest, conn, remote_dir, not ignore)
+        remote_job = pool.submit(remote_manifest, target, remote_dir, not ignore)
         local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=ignore,
                            need_hash=_compared(remote_job))
         remote = remote_job.result()
     keep = _keeper(local_dir if ignore else None, paths, exclude)
     local, remote = keep(local), keep(remote)
-    for rel, target in local["links"].items():
-        _agent_call(agent.check_link, rel, target)
+    for rel, link in local["links"].items():
+        _agent_call(agent.check_link, rel, link)
     ops = agent.plan(local, remote, delete)
     if not ops:
         return SyncReport(seconds=time.monotonic() - start)
     args = ["receive", remote_dir] + (["--delete"] if delete else [])
     size = _payload(ops, local)
-    stream = open_stream(conn, args, size)
+    stream = target.agent_stream(*args, size=size)
     with _bar(progress, size, "push") as tick:
         sent, result, hashed = _send_ops(stream, local_dir, ops, local, tick)
     agent.record_hashes(local_cache_file(local_dir), hashed)
     return SyncReport(result["files"], sent, result["deleted"], time.monotonic() - start)
 
 
-def pull(conn, remote_dir: str, local_dir, *, paths=None, progress=None) -> SyncReport:
+def pull(target: Target, remote_dir: str, local_dir, *, paths=None,
+         progress=None) -> SyncReport:
     """Copy remote_dir (or its `paths`) into local_dir; never deletes local files."""
     start, local_dir = time.monotonic(), Path(local_dir)
-    remote = remote_manifest(conn, remote_dir, True)
+    remote = remote_manifest(target, remote_dir, True)
     if not remote["exists"]:
         raise CubeError(f"Cannot pull '{remote_dir}': it does not exist on the host.",
                         "Check the job id, or whether the task wrote its outputs.")
@@ -90,7 +88,7 @@ def pull(conn, remote_dir: str, local_dir, *, paths=None, progress=None) -> Sync
     if not ops:
         return SyncReport(seconds=time.monotonic() - start)
     size = _payload(ops, remote)
-    stream = open_stream(conn, ["send", remote_dir], size)
+    stream = target.agent_stream("send", remote_dir, size=size)
     with _bar(progress, size, "pull") as tick:
         result, received = _receive_ops(stream, local_dir, ops, tick)
     return SyncReport(result["files"], received, 0, time.monotonic() - start)
@@ -109,38 +107,13 @@ def _compared(remote_job):
     return need_hash
 
 
-def remote_manifest(conn, remote_dir: str, everything: bool) -> dict:
-    args = [remote_dir, *(["--all"] if everything else [])]
-    if hasattr(conn, "agent_session"):  # a live agent session answers without a new command
-        return conn.agent("manifest", *args)
-    stream = open_stream(conn, ["manifest", *args])
-    try:
-        stream.close_stdin()
-        out, code = stream.read(), stream.wait()
-        return _agent_answer(stream, out, code)
-    finally:
-        stream.close()
-
-
-# Up to this size a stream rides inside the agent session (base64 in one request) instead of a
-# new SSH command, which costs a login shell and a Python start on the host (0.5 s here).
-SESSION_STREAM_MAX = 8 << 20
-
-
-def open_stream(conn, verb_args: list[str], size: int = SESSION_STREAM_MAX + 1):
-    # Otherwise one paramiko channel on the run's connection. (OpenSSH's client for large
-    # streams was measured too: slower on a 2-core controller, 7.3 s against 5.8 s for a 1 GiB
-    # push, its processes competing with ours for the cores.)
-    if size <= SESSION_STREAM_MAX and hasattr(conn, "agent_exchange"):
-        return streams.SessionStream(conn, verb_args)
-    argv = conn.agent_argv(*verb_args)
-    if hasattr(conn, "stream"):
-        return conn.stream(argv)
-    return streams.exec_stream(conn.client, shlex.join(argv))
+def remote_manifest(target: Target, remote_dir: str, everything: bool) -> dict:
+    """The other side's manifest of remote_dir, from its agent."""
+    return target.agent("manifest", remote_dir, *(["--all"] if everything else []))
 
 
 def local_cache_file(local_dir) -> str:
-    return agent._cache_file(str(local_dir), str(cube_paths.cube_home()))
+    return agent.cache_file(str(local_dir), str(cube_paths.cube_home()))
 
 
 # -- filters --
@@ -238,15 +211,16 @@ def _receive_ops(stream, local_dir, ops, tick):
         stream.close()
 
 
-def _agent_answer(stream, out: bytes, code: int) -> dict:
-    """The agent's JSON answer; its error (stdout or stderr) becomes a CubeError."""
+def _agent_answer(stream: Stream, out: bytes, code: int) -> dict:
+    """The agent's answer ({"ok", "result" | "error", "hint"}, on stdout, or on stderr for a
+    streaming verb); an error becomes a CubeError."""
     text = out.decode(errors="replace").strip() or stream.stderr_text().strip()
     try:
         answer = json.loads(text.splitlines()[-1]) if text else {}
     except ValueError:
         answer = {}
-    if code == 0 and "error" not in answer:
-        return answer
+    if code == 0 and answer.get("ok"):
+        return answer["result"]
     if "error" in answer:
         raise CubeError(f"On the host: {answer['error']}", answer.get("hint"))
     raise CubeError(f"The host's cube agent failed (exit code {code}): "

@@ -1,244 +1,50 @@
-"""One SSH connection per host, reused for every step of a run (paramiko).
+"""A host as a Target: one SSH connection (controller.ssh) and the agent client on top of it
+(controller.agent_client), reused for every step of a run.
 
-Host keys are checked against $CUBE_HOME/known_hosts (first) and ~/.ssh/known_hosts. An unknown
-key is an error unless `accept_new_host_key` (then it is stored, like OpenSSH's accept-new); a
-changed key is always an error. Network errors are retried with exponential backoff until the
-connect budget is spent; auth and host-key errors are never retried.
-
-Time budget of `connect`: attempts stop once `connect_timeout` seconds have passed since the
-first one began, and each attempt's TCP/banner/auth timeouts are capped by what is left of it
-(at least 1 s), so an unreachable host fails with HostUnreachable after roughly
-`connect_timeout` (+ at most one last backoff wait of <= 2 s) — or sooner after `retries`
-attempts.
+`connect(name)` returns a HostTarget: `sh` (through the agent session: no login shell per
+command), `run` (an argv on its own SSH channel), `put` (SFTP), `open_stream` (a tuned bulk
+channel), `agent`/`agent_argv`/`agent_stream`. `sh` and `run` time out alike: exit code 124
+with the partial output (`run(check=True)` raises CubeError on any non-zero code).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import secrets
 import shlex
-import socket
-import threading
-import time
-from pathlib import Path
+from typing import Sequence
 
 import paramiko
-import tenacity
 
-from controller import paths
-from controller.agent_session import AgentMissing, AgentSession, SessionLost
-from controller.errors import CubeError, HostUnreachable
-from controller.hosts import HostSpec, atomic_write, file_lock, resolve_host
+from controller import streams
+from controller.agent_client import AgentClient
+from controller.errors import CubeError
+from controller.hosts import HostSpec, resolve_host
+from controller.ssh import (ConnectionLost, SSHConnection, connect_ssh, openssh_shell_argv,
+                            store_host_key)
 from controller.target import ExecResult
 
-log = logging.getLogger("cube.transport")
-# paramiko logs each failed attempt's traceback from its own thread; without a handler Python
-# would print them to stderr between our retries. --debug (root handlers) still shows them.
-logging.getLogger("paramiko").addHandler(logging.NullHandler())
+__all__ = ["ConnectionLost", "HostTarget", "connect", "openssh_shell_argv", "store_host_key"]
 
-KEEPALIVE_S = 5          # SSH-level keepalive so idle connections carry traffic...
-TCP_USER_TIMEOUT_MS = 20_000  # ...and unacked traffic on a cut link errors out within ~20 s
-
-
-
-class ConnectionLost(HostUnreachable):
-    """The connection dropped mid-command; `HostConnection.reconnect()` and retry."""
-
-
-class _TimedOut(Exception):
-    def __init__(self, partial: ExecResult):
-        super().__init__("timed out")
-        self.partial = partial
-
-
-class _UnknownHostKey(Exception):
-    def __init__(self, hostname: str, key: paramiko.PKey):
-        super().__init__(hostname)
-        self.hostname, self.key = hostname, key
-
-
-class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """Unknown key: store it when accepting new keys, else refuse (reported by `connect`)."""
-
-    def __init__(self, accept_new: bool):
-        self.accept_new = accept_new
-
-    def missing_host_key(self, client, hostname, key):
-        if not self.accept_new:
-            raise _UnknownHostKey(hostname, key)
-        store_host_key(hostname, key)
-        client.get_host_keys().add(hostname, key.get_name(), key)
-
-
-def store_host_key(hostname: str, key: paramiko.PKey) -> None:
-    """Append `hostname keytype base64` to $CUBE_HOME/known_hosts (atomic, locked)."""
-    path = paths.known_hosts_file()
-    with file_lock(path):
-        text = path.read_text() if path.exists() else ""
-        if text and not text.endswith("\n"):
-            text += "\n"
-        atomic_write(path, text + f"{hostname} {key.get_name()} {key.get_base64()}\n", 0o600)
-
-
-def _fingerprint(key: paramiko.PKey) -> str:
-    import base64
-
-    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-
-
-# ---- connecting -------------------------------------------------------------------------------
-
-def _open_socket(spec: HostSpec, timeout: float, via: "HostConnection | None"):
-    if via is not None:
-        try:
-            return via.client.get_transport().open_channel(
-                "direct-tcpip", (spec.hostname, spec.port), ("127.0.0.1", 0), timeout=timeout)
-        except paramiko.ChannelException as err:  # the jump host could not reach the target
-            raise ConnectionRefusedError(f"jump host {via.spec.name}: {err}") from err
-    sock = socket.create_connection((spec.hostname, spec.port), timeout=timeout)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
-    return sock
-
-
-def _load_known_hosts(keys: paramiko.HostKeys, path: Path) -> None:
-    """Like OpenSSH, skip lines that do not parse instead of failing on the whole file."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return
-    for number, line in enumerate(lines, 1):
-        try:
-            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
-        except Exception as err:  # paramiko raises several types for malformed lines
-            log.warning("%s:%d: ignoring unreadable known_hosts line (%s)", path, number, err)
-            continue
-        for name in entry.hostnames if entry else ():
-            keys.add(name, entry.key.get_name(), entry.key)
-
-
-def _attempt(spec: HostSpec, accept_new: bool, timeout: float,
-             via: "HostConnection | None") -> paramiko.SSHClient:
-    client = paramiko.SSHClient()
-    # cube's own file is loaded last so its entries replace ~/.ssh's for the same name.
-    for path in (Path.home() / ".ssh" / "known_hosts", paths.known_hosts_file()):
-        _load_known_hosts(client.get_host_keys(), path)
-    client.set_missing_host_key_policy(_HostKeyPolicy(accept_new))
-    sock = _open_socket(spec, timeout, via)
-    try:
-        client.connect(spec.hostname, port=spec.port, username=spec.user, sock=sock,
-                       key_filename=spec.identity_files or None,
-                       look_for_keys=not spec.identity_files, allow_agent=not spec.identity_files,
-                       timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
-                       channel_timeout=timeout)
-    except BaseException as err:
-        t = client.get_transport()
-        past_kex = t is not None and t.is_active() and t.remote_version  # host key accepted
-        client.close()
-        sock.close()
-        if past_kex and isinstance(err, (OSError, EOFError, paramiko.SSHException)) \
-                and not isinstance(err, (paramiko.AuthenticationException,
-                                         paramiko.BadHostKeyException)):
-            # e.g. an unreadable key file: an auth problem, retrying would not help
-            raise paramiko.AuthenticationException(str(err) or type(err).__name__) from err
-        raise
-    client.get_transport().set_keepalive(KEEPALIVE_S)
-    return client
-
-
-def _network_error(err: BaseException) -> bool:
-    if isinstance(err, (paramiko.AuthenticationException, paramiko.BadHostKeyException,
-                        _UnknownHostKey, socket.gaierror)):
-        return False
-    return isinstance(err, (OSError, EOFError, paramiko.SSHException))
-
-
-def _explain(spec: HostSpec, err: BaseException) -> CubeError:
-    where = f"host '{spec.name}' ({spec.address})"
-    if isinstance(err, _UnknownHostKey):
-        return CubeError(
-            f"The host key of {where} is not known ({err.key.get_name()} {_fingerprint(err.key)}).",
-            "Run with --accept-new-host-key to trust and store it, or add it to "
-            f"{paths.known_hosts_file()} (or ~/.ssh/known_hosts).")
-    if isinstance(err, paramiko.BadHostKeyException):
-        return CubeError(
-            f"The host key of {where} has CHANGED (now {_fingerprint(err.key)}, known "
-            f"{_fingerprint(err.expected_key)}). Someone may be intercepting the connection.",
-            f"If the host was reinstalled, delete its old line from {paths.known_hosts_file()} "
-            "or ~/.ssh/known_hosts and connect again with --accept-new-host-key.")
-    if isinstance(err, paramiko.AuthenticationException):
-        keys = ", ".join(spec.identity_files) or "your default keys and ssh-agent"
-        return CubeError(f"Authentication as '{spec.user}' on {where} failed: {err}",
-                         f"Check the user and identity file (tried {keys}); set identity_file in "
-                         "the inventory or IdentityFile in ~/.ssh/config.")
-    if isinstance(err, socket.gaierror):
-        return HostUnreachable(f"Cannot resolve the hostname of {where}: {err}.",
-                               "Check the hostname in the inventory or ~/.ssh/config.")
-    return HostUnreachable(f"Cannot reach {where}: {err or type(err).__name__}.",
-                           "Check that the host is up and reachable (network, VPN, ProxyJump).")
-
-
-def _jump_for(spec: HostSpec, accept_new: bool, timeout: float) -> "HostConnection | None":
-    """ProxyJump 'a,b' = reach b through a, then the target through b."""
-    if not spec.proxy_jump:
-        return None
-    *before, last = [j.strip() for j in spec.proxy_jump.split(",")]
-    jump = resolve_host(last, spec.inventory)
-    if before:
-        jump.proxy_jump = ",".join(before)
-    return connect(jump, accept_new_host_key=accept_new, connect_timeout=timeout)
-
-
-def _connect_client(spec: HostSpec, accept_new: bool, budget: float, retries: int,
-                    via: "HostConnection | None") -> paramiko.SSHClient:
-    start = time.monotonic()
-
-    def attempt() -> paramiko.SSHClient:
-        left = budget - (time.monotonic() - start)
-        log.debug("connecting to %s (%s), attempt %d", spec.name, spec.address,
-                  retrying.statistics.get("attempt_number", 1))
-        return _attempt(spec, accept_new, max(1.0, left), via)
-
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(_network_error),
-        stop=tenacity.stop_after_attempt(retries) | tenacity.stop_after_delay(budget),
-        wait=tenacity.wait_exponential(multiplier=0.25, max=2.0),
-        before_sleep=lambda rs: log.debug("attempt %d to %s failed (%s); retrying",
-                                          rs.attempt_number, spec.name, rs.outcome.exception()),
-        reraise=True)
-    try:
-        return retrying(attempt)
-    except (OSError, EOFError, paramiko.SSHException, _UnknownHostKey) as err:
-        raise _explain(spec, err) from None
+# Up to this size a stream to an agent verb rides inside the agent session (base64 in one
+# request) instead of a new SSH command, which costs a login shell and a Python start on the
+# host (0.5 s here).
+SESSION_STREAM_MAX = 8 << 20
 
 
 def connect(spec: HostSpec | str, *, accept_new_host_key: bool = False,
-            connect_timeout: float = 10, retries: int = 8) -> "HostConnection":
-    """Open the connection a run reuses for every step. See the module doc for the time budget."""
+            connect_timeout: float = 10, retries: int = 8) -> HostTarget:
+    """Open the connection a run reuses for every step (see controller.ssh for the budget)."""
     if isinstance(spec, str):
         spec = resolve_host(spec)
-    for key in spec.identity_files:
-        if not Path(key).is_file():
-            raise CubeError(f"The identity file {key} of host '{spec.name}' does not exist.",
-                            "Fix identity_file in the inventory or IdentityFile in ~/.ssh/config.")
-    conn = HostConnection(spec, accept_new_host_key, connect_timeout, retries)
-    conn.reconnect()
-    return conn
+    return HostTarget(connect_ssh(spec, accept_new_host_key=accept_new_host_key,
+                                  connect_timeout=connect_timeout, retries=retries))
 
 
-class HostConnection:
-    def __init__(self, spec: HostSpec, accept_new: bool, connect_timeout: float, retries: int):
-        self.spec = spec
-        self.client: paramiko.SSHClient | None = None
-        self.agent_uploaded = False   # whether the last ensure_agent() had to upload
-        self._accept_new, self._timeout, self._retries = accept_new, connect_timeout, retries
-        self._jump: HostConnection | None = None
-        self._sftp: paramiko.SFTPClient | None = None
-        self._root: str | None = None
-        self._agent_path: str | None = None
-        self._session_: AgentSession | None = None
+class HostTarget:
+    """controller.target.Target for an SSH host."""
+
+    def __init__(self, ssh: SSHConnection):
+        self.ssh = ssh
+        self.agent_client = AgentClient(ssh, ssh.spec.root)
 
     def __enter__(self):
         return self
@@ -247,231 +53,95 @@ class HostConnection:
         self.close()
 
     def __repr__(self):
-        return f"<HostConnection {self.spec.name} {self.spec.address}>"
+        return f"<HostTarget {self.spec.name} {self.spec.address}>"
+
+    @property
+    def spec(self) -> HostSpec:
+        return self.ssh.spec
+
+    @property
+    def name(self) -> str:
+        return f"host '{self.spec.name}'"
+
+    @property
+    def root(self) -> str:
+        return self.agent_client.root
+
+    @property
+    def client(self) -> paramiko.SSHClient | None:
+        """The paramiko client (for code that still opens its own channels)."""
+        return self.ssh.client
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def reconnect(self, connect_timeout: float | None = None) -> None:
-        """(Re-)establish the connection with the same retry policy (after a drop)."""
-        self.close()
-        budget = connect_timeout or self._timeout
-        if self.spec.proxy_jump:
-            self._jump = _jump_for(self.spec, self._accept_new, budget)
-        try:
-            self.client = _connect_client(self.spec, self._accept_new, budget, self._retries,
-                                          self._jump)
-        except BaseException:
-            self.close()  # don't leave the jump host's connection behind
-            raise
-
-    def close(self) -> None:
-        for thing in (self._session_, self._sftp, self.client, self._jump):
-            if thing is not None:
-                try:
-                    thing.close()
-                except Exception:  # closing a dead connection may raise; it is gone either way
-                    pass
-        self._session_ = self._sftp = self.client = self._jump = None
+        self.agent_client.close()
+        self.ssh.reconnect(connect_timeout)
 
     def is_alive(self, probe_timeout: float | None = None) -> bool:
-        """Transport still up; with `probe_timeout`, also a round trip (`true`) within it."""
-        t = self.client.get_transport() if self.client else None
-        if t is None or not t.is_active():
-            return False
-        if probe_timeout is None:
-            return True
-        try:
-            return self.run(["true"], timeout=probe_timeout, check=False).code == 0
-        except CubeError:
-            return False
+        return self.ssh.is_alive(probe_timeout)
 
-    # -- commands -------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.agent_client.close()
+        self.ssh.close()
 
-    def _session(self, timeout: float | None) -> paramiko.Channel:
-        t = self.client.get_transport() if self.client else None
-        if t is None or not t.is_active():
-            raise ConnectionLost(f"The connection to host '{self.spec.name}' is closed.",
-                                 "Reconnect and retry.")
-        try:
-            return t.open_session(timeout=timeout or self._timeout)
-        except (paramiko.SSHException, OSError, EOFError) as err:
-            raise ConnectionLost(f"Lost the connection to host '{self.spec.name}': {err}.",
-                                 "Reconnect and retry.") from None
-
-    def run(self, argv: list[str], input: bytes | None = None, timeout: float | None = None,
-            check: bool = True) -> ExecResult:
-        """Run argv (quoted with shlex.join) on the host; `check` raises on a non-zero exit."""
-        try:
-            result = self._exec(shlex.join(argv), input, timeout)
-        except _TimedOut:
-            raise CubeError(f"Command `{shlex.join(argv)}` on host '{self.spec.name}' did not "
-                            f"finish within {timeout} s.", "Raise the timeout or check the host.") \
-                from None
-        if check and result.code != 0:
-            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-            raise CubeError(f"Command `{shlex.join(argv)}` on host '{self.spec.name}' exited "
-                            f"with code {result.code}." + (f" stderr: {tail}" if tail else ""),
-                            "See the command's error output above.")
-        return result
+    # -- the Target protocol --------------------------------------------------------------------
 
     def sh(self, command: str, *, timeout: float | None = None) -> ExecResult:
-        """Executor protocol (docs/INTERNALS.md): run a shell command line with bash -c, through
-        the agent session (no login shell per command). Like LocalExecutor, a timeout is exit
-        code 124 with a note on stderr, not an exception."""
+        """bash -c COMMAND, run by the agent session's process (the login environment is
+        already there); a timeout is exit code 124, as for `run`."""
         args = [command] + (["--timeout", str(timeout)] if timeout else [])
         answer = self.agent("sh", *args, timeout=timeout + 30 if timeout else None)
-        return ExecResult(answer["code"], answer["stdout"], answer["stderr"])
+        return ExecResult(answer["code"], answer["stdout"], answer["stderr"],
+                          timed_out=bool(answer.get("timed_out")))
 
-    def _exec(self, command: str, input: bytes | None, timeout: float | None) -> ExecResult:
-        chan = self._session(timeout)
-        deadline = time.monotonic() + timeout if timeout else None
-        out, err = bytearray(), bytearray()
-        try:
-            chan.exec_command(command)
-            threads = [threading.Thread(target=_drain, args=(chan.recv_stderr, err), daemon=True)]
-            if input is not None:
-                threads.append(threading.Thread(target=_feed, args=(chan, input), daemon=True))
-            else:
-                chan.shutdown_write()
-            for th in threads:
-                th.start()
-            while True:
-                if deadline is not None:
-                    chan.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = chan.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-            for th in threads:
-                th.join(timeout)
-            if not chan.exit_status_ready() and not chan.get_transport().is_active():
-                raise ConnectionLost(f"Lost the connection to host '{self.spec.name}' while "
-                                     f"running `{command}`.", "Reconnect and retry.")
-            code = chan.recv_exit_status()
-        except socket.timeout:
-            raise _TimedOut(ExecResult(124, out.decode(errors="replace"),
-                                       err.decode(errors="replace"))) from None
-        finally:
-            chan.close()
-        if code == -1:
-            raise ConnectionLost(f"Lost the connection to host '{self.spec.name}' while running "
-                                 f"`{command}` (no exit status).", "Reconnect and retry.")
-        return ExecResult(code, out.decode(errors="replace"), err.decode(errors="replace"))
+    def run(self, argv: Sequence[str], *, input: bytes | None = None,
+            timeout: float | None = None, check: bool = True) -> ExecResult:
+        """Run argv (quoted with shlex.join) on its own channel."""
+        command = shlex.join(argv)
+        result = self.ssh.exec(command, input=input, timeout=timeout)
+        if check and result.code != 0:
+            raise _failed(command, self.name, result, timeout)
+        return result
 
-    # -- cube root and agent --------------------------------------------------------------------
+    def put(self, data: bytes, path: str, *, mode: int = 0o644) -> None:
+        self.ssh.put(data, path, mode=mode)
 
-    @property
-    def root(self) -> str:
-        """The cube root on the host, with `~` expanded remotely (asked once)."""
-        if self._root is None:
-            root = self.spec.root
-            if root == "~" or root.startswith("~/"):
-                home = self.run(["sh", "-c", 'printf %s "$HOME"']).stdout
-                root = home + root[1:]
-            self._root = root.rstrip("/") or "/"
-        return self._root
-
-    @property
-    def sftp(self) -> paramiko.SFTPClient:
-        if self._sftp is None:
-            self._sftp = self.client.open_sftp()
-        return self._sftp
-
-    def ensure_agent(self) -> str:
-        """Upload agent/cube_agent.py to ROOT/agent/<sha256[:16]>/ unless it is already there."""
-        source, digest = _agent_source()
-        folder = f"{self.root}/agent/{digest}"
-        path = f"{folder}/cube_agent.py"
-        # One round trip: exists -> 0; else create the folder and answer 1.
-        probe = self.run(["sh", "-c", 'test -f "$1" || { mkdir -p "$2" && exit 1; }', "sh",
-                          path, folder], check=False)
-        self.agent_uploaded = probe.code != 0
-        if self.agent_uploaded:
-            if probe.code != 1:
-                raise CubeError(f"Cannot create {folder} on host '{self.spec.name}': "
-                                f"{probe.stderr.strip()}", "Check the host's cube root setting.")
-            tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-            with self.sftp.open(tmp, "wb") as f:
-                f.write(source)
-            self.sftp.posix_rename(tmp, path)
-            log.debug("uploaded agent to %s:%s", self.spec.name, path)
-        self._agent_path = path
-        return path
-
-    def agent_argv(self, verb: str, *args: str) -> list[str]:
-        if self._agent_path is None:
-            self.agent_session()
-        return ["python3", self._agent_path, "--root", self.root, verb, *map(str, args)]
-
-    def agent_session(self) -> AgentSession:
-        """The connection's agent process; started (and the agent uploaded) on first use."""
-        if self._session_ is not None and self._session_.alive:
-            return self._session_
-        transport = self.client.get_transport() if self.client else None
-        if transport is None or not transport.is_active():
-            raise ConnectionLost(f"The connection to host '{self.spec.name}' is closed.",
-                                 "Reconnect and retry.")
-        digest = _agent_source()[1]
-        try:
-            session = AgentSession.start(transport, self.spec.name, self.spec.root, digest,
-                                         self._timeout)
-        except AgentMissing:
-            self.ensure_agent()
-            session = AgentSession.start(transport, self.spec.name, self.spec.root, digest,
-                                         self._timeout)
-        self._root, self._agent_path = session.greeting["root"], session.greeting["path"]
-        self._session_ = session
-        return session
+    def open_stream(self, argv: Sequence[str]) -> streams.Stream:
+        return self.ssh.open_stream(shlex.join(argv))
 
     def agent(self, verb: str, *args: str, input: bytes | None = None,
               timeout: float | None = None) -> dict:
-        """Run an agent verb in the session and return its answer; an agent error becomes a
-        CubeError, a dead channel ConnectionLost."""
-        return self._in_session(verb, lambda s: s.request(verb, list(args), input, timeout))
+        return self.agent_client.agent(verb, *args, input=input, timeout=timeout)
 
-    def agent_exchange(self, message: dict, timeout: float | None = None) -> dict:
-        """One raw session request ({"verb", "args", ...}); the whole answer, errors included."""
-        return self._in_session(message.get("verb"), lambda s: s.exchange(message, timeout))
+    def agent_argv(self, verb: str, *args: str) -> list[str]:
+        return self.agent_client.agent_argv(verb, *args)
 
-    def _in_session(self, verb, call):
-        try:
-            return call(self.agent_session())
-        except SessionLost as err:
-            raise ConnectionLost(f"Lost the connection to host '{self.spec.name}' during "
-                                 f"'{verb}' ({err}).", "Reconnect and retry.") from None
+    def agent_stream(self, verb: str, *args: str, size: int | None = None) -> streams.Stream:
+        """A byte stream to one agent verb; a small one (`size` known and <= 8 MiB) rides
+        inside the agent session instead of costing a new SSH command."""
+        if size is not None and size <= SESSION_STREAM_MAX:
+            return streams.SessionStream(self.agent_client.exchange, [verb, *args])
+        return self.open_stream(self.agent_argv(verb, *args))
 
+    # -- the agent's presence (tests and benchmarks) ---------------------------------------------
 
-def openssh_shell_argv(spec: HostSpec) -> list[str]:
-    """OpenSSH's client for an interactive session (a real TTY, which paramiko does not give
-    a terminal), checking host keys against the same files as every other connection."""
-    known = f"{paths.known_hosts_file()} {Path.home() / '.ssh' / 'known_hosts'}"
-    argv = ["ssh", "-t", "-p", str(spec.port), "-o", f"UserKnownHostsFile={known}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"]
-    for identity in spec.identity_files or []:
-        argv += ["-i", str(identity)]
-    if spec.proxy_jump:  # the jump may be an inventory name, which OpenSSH does not know
-        hops = [resolve_host(j.strip(), spec.inventory) for j in spec.proxy_jump.split(",")]
-        argv += ["-J", ",".join(f"{h.user}@{h.hostname}:{h.port}" if h.user
-                                else f"{h.hostname}:{h.port}" for h in hops)]
-    return [*argv, f"{spec.user}@{spec.hostname}" if spec.user else spec.hostname]
+    def ensure_agent(self) -> str:
+        return self.agent_client.ensure()
+
+    @property
+    def agent_uploaded(self) -> bool:
+        return self.agent_client.uploaded
 
 
-def _agent_source() -> tuple[bytes, str]:
-    source = paths.agent_source().read_bytes()
-    return source, hashlib.sha256(source).hexdigest()[:16]
+def _failed(command: str, where: str, result: ExecResult, timeout: float | None) -> CubeError:
+    if result.timed_out:
+        return CubeError(f"Command `{command}` on {where} did not finish within {timeout:g} s.",
+                         "Raise the timeout or check the host.")
+    tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+    return CubeError(f"Command `{command}` on {where} exited with code {result.code}."
+                     + (f" stderr: {tail}" if tail else ""), "See the command's error output above.")
 
 
-def _drain(recv, into: bytearray) -> None:
-    try:
-        while chunk := recv(65536):
-            into += chunk
-    except (OSError, EOFError):
-        pass
-
-
-def _feed(chan: paramiko.Channel, data: bytes) -> None:
-    try:
-        chan.sendall(data)
-        chan.shutdown_write()
-    except (OSError, EOFError):
-        pass
+# Kept for callers of the old name: a host target is what `connect` returns.
+HostConnection = HostTarget

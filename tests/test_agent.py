@@ -1,5 +1,6 @@
 """The agent's job and probe verbs, run as a real subprocess against a temp ROOT: real processes,
-real signals, real files."""
+real signals, real files. The agent runs as hosts run it: the zipapp controller.agent_bundle
+builds from the package."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from controller import agent_bundle
 from tests.conftest import REPO, require
 
-AGENT = REPO / "agent" / "cube_agent.py"
+PACKAGE = REPO / "agent"
+# Written once per agent version, outside any test's temp dir: supervisors outlive tests.
+AGENT = agent_bundle.cached_file(Path(tempfile.gettempdir()) / "cube-test-agent")
 PY = sys.executable
 WAIT_S = 60.0  # a safety net against hangs, never a speed assertion
 
@@ -37,7 +42,10 @@ def agent(root, *args, stdin=None, python=PY, env=None, check=True):
 
 
 def call(root, *args, **kwargs):
-    return json.loads(agent(root, *args, **kwargs).stdout)
+    """A verb's result: the answer must be {"ok": true, "result": ...}."""
+    answer = json.loads(agent(root, *args, **kwargs).stdout)
+    assert answer["ok"] is True and set(answer) == {"ok", "result"}, answer
+    return answer["result"]
 
 
 def launch(root, job_id, code=None, tasks=None, name="job", python=PY, **extra):
@@ -97,11 +105,13 @@ def root(tmp_path):
                     os.kill(pid, signal.SIGKILL)
 
 
-# -- the file itself
+# -- the package itself
 
-def test_agent_compiles_and_is_stdlib_only_for_python_3_8(tmp_path):
-    py_compile.compile(str(AGENT), cfile=str(tmp_path / "agent.pyc"), doraise=True)
-    tree = ast.parse(AGENT.read_text(), feature_version=(3, 8))
+@pytest.mark.parametrize("module", sorted(p.name for p in PACKAGE.glob("*.py")))
+def test_agent_compiles_and_is_stdlib_only_for_python_3_8(tmp_path, module):
+    source = PACKAGE / module
+    py_compile.compile(str(source), cfile=str(tmp_path / "agent.pyc"), doraise=True)
+    tree = ast.parse(source.read_text(), feature_version=(3, 8))
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -112,6 +122,25 @@ def test_agent_compiles_and_is_stdlib_only_for_python_3_8(tmp_path):
     assert imported <= set(sys.stdlib_module_names) - newer_than_3_8, imported
     names = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     assert len(names) == len(set(names)), "a top-level name is defined twice"
+    assert len(source.read_text().splitlines()) <= 700, "split the module"
+
+
+def test_every_answer_has_one_shape(root):
+    assert call(root, "list-jobs") == {"jobs": []}
+    proc = agent(root, "status", "nope", check=False)
+    assert proc.returncode == 1
+    assert set(json.loads(proc.stdout)) == {"ok", "error", "hint"}
+    assert json.loads(proc.stdout)["ok"] is False
+
+
+def test_the_supervisor_runs_from_the_archive(root):
+    launch(root, "boxed", "import time; print('up', flush=True); time.sleep(600)")
+    wait_for(lambda: b"up" in log_of(root, "boxed"), "the task to start")
+    state = call(root, "status", "boxed")
+    argv = Path("/proc/%d/cmdline" % state["pid"]).read_bytes().split(b"\0")
+    assert argv[1] == str(AGENT).encode() and b"supervise" in argv, argv  # the .pyz itself
+    assert agent_processes("supervise", "boxed") == [state["pid"]]
+    assert call(root, "cancel", "boxed", "--grace", "5")["state"] == "cancelled"
 
 
 @pytest.mark.parametrize("minor", [8, 13])
@@ -468,7 +497,7 @@ def test_over_real_ssh_the_job_outlives_its_sessions(lab, tmp_path):
         proc = subprocess.run(remote("launch"), input=json.dumps(spec).encode(),
                               capture_output=True, timeout=WAIT_S)
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["state"] == "running"
+        assert json.loads(proc.stdout)["result"]["state"] == "running"
         follower = subprocess.Popen(remote("logs", job_id, "--follow"), stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL)
         assert follower.stdout.readline() == b"started\n"
@@ -477,12 +506,12 @@ def test_over_real_ssh_the_job_outlives_its_sessions(lab, tmp_path):
         follower.stdout.close()
         wait_for(lambda: not agent_processes("logs", job_id), "the remote follower to end")
         status = subprocess.run(remote("status", job_id), capture_output=True, timeout=WAIT_S)
-        assert json.loads(status.stdout)["state"] == "running"
+        assert json.loads(status.stdout)["result"]["state"] == "running"
         gate.touch()
         rest = subprocess.run(remote("logs", job_id, "--offset", "8", "--follow"),
                               capture_output=True, timeout=WAIT_S)
         assert rest.stdout == b"done\n"
         status = subprocess.run(remote("status", job_id), capture_output=True, timeout=WAIT_S)
-        assert json.loads(status.stdout)["state"] == "succeeded"
+        assert json.loads(status.stdout)["result"]["state"] == "succeeded"
     finally:
         gate.touch()

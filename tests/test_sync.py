@@ -1,8 +1,8 @@
 """Sync without rsync: manifests and their cache, one-stream push/pull, block patches, atomic
 apply, ignore rules and refusal of every path that leaves the root.
 
-Unit tests run the real agent file in a real process (`LocalConn`), with real files; the
-integration tests go through real sshd hosts from the lab."""
+Unit tests run the real agent zipapp in a real process (`LocalConn`, a LocalTarget), with real
+files; the integration tests go through real sshd hosts from the lab."""
 
 from __future__ import annotations
 
@@ -13,33 +13,39 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from agent import cube_agent as agent
-from controller import streams, sync
+from agent import sync as agent
+from controller import agent_bundle, sync
 from controller.errors import CubeError
-from tests.conftest import IN_CI, REPO, require
+from controller.target import LocalTarget, Target
+from tests.conftest import IN_CI, require
 
-AGENT = str(REPO / "agent" / "cube_agent.py")
+AGENT = str(agent_bundle.cached_file(Path(tempfile.gettempdir()) / "cube-test-agent"))
 MiB = 1 << 20
 
 
-class LocalConn:
-    """The host is this machine: the real agent runs in its own process over pipes."""
+class LocalConn(LocalTarget):
+    """The host is this machine (a LocalTarget on a temp root): the real agent runs in its own
+    process over pipes; `send_argv` makes it a hostile host answering `send` with a canned
+    stream."""
 
     def __init__(self, root: Path, send_argv: list[str] | None = None):
-        self.root, self.send_argv = str(root), send_argv
+        super().__init__(root)
+        self.send_argv = send_argv
 
     def agent_argv(self, verb: str, *args: str) -> list[str]:
-        if verb == "send" and self.send_argv:   # a hostile host: answers with a canned stream
+        if verb == "send" and self.send_argv:
             return self.send_argv
-        return [sys.executable, AGENT, "--root", self.root, verb, *args]
+        return super().agent_argv(verb, *args)
 
-    def stream(self, argv: list[str]):
-        return streams.ProcessStream(argv)
+
+def test_the_local_connection_is_a_target(tmp_path):
+    assert isinstance(LocalConn(tmp_path), Target)
 
 
 def write(path: Path, data: bytes | str, age: float = 10.0) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -14,9 +15,10 @@ import uuid
 import pytest
 import yaml
 
-from controller import paths, transport
+from controller import agent_bundle, paths, ssh
 from controller.errors import CubeError, HostUnreachable
 from controller.hosts import resolve_host
+from controller.target import Target
 from controller.transport import ConnectionLost, connect
 from tests.conftest import require
 
@@ -66,6 +68,31 @@ def test_timeouts(lab_home):
         assert r.code == 124 and "timed out after 0.5 s" in r.stderr
         assert "timed out" in r.output  # provision's ExecResult
         assert conn.run(["echo", "still usable"]).stdout == "still usable\n"
+
+
+def test_sh_and_run_time_out_the_same_way(lab_home):
+    with connect("lab1") as conn:
+        ran = conn.run(["sh", "-c", "echo partial; sleep 30"], timeout=1, check=False)
+        shelled = conn.sh("echo partial; sleep 30", timeout=1)
+        for r in (ran, shelled):
+            assert (r.code, r.stdout, r.timed_out) == (124, "partial\n", True)
+            assert "timed out after 1 s" in r.stderr
+        assert not conn.run(["sh", "-c", "exit 124"], check=False).timed_out
+
+
+def test_a_host_is_a_target_named_for_messages(lab_home):
+    with connect("lab1") as conn:
+        assert isinstance(conn, Target) and conn.name == "host 'lab1'"
+        conn.put(b"put via sftp\n", f"{conn.root}/put-test.txt", mode=0o600)
+        assert conn.run(["cat", f"{conn.root}/put-test.txt"]).stdout == "put via sftp\n"
+        assert conn.run(["stat", "-c", "%a", f"{conn.root}/put-test.txt"]).stdout == "600\n"
+        stream = conn.open_stream(["sh", "-c", "cat > \"$0\"; echo done >&2",
+                                   f"{conn.root}/stream-test.txt"])
+        stream.write(b"streamed")
+        stream.close_stdin()
+        assert stream.wait() == 0 and stream.stderr_text() == "done\n"
+        stream.close()
+        assert conn.run(["cat", f"{conn.root}/stream-test.txt"]).stdout == "streamed"
 
 
 def test_unknown_host_key_is_refused_with_fix(lab, cube_home):
@@ -179,8 +206,8 @@ def test_cut_link_is_unreachable(lab_home):
 def test_cut_link_under_a_running_command_is_detected(lab_home, monkeypatch):
     """Keepalives + TCP_USER_TIMEOUT turn a silent link cut into ConnectionLost (not a hang)."""
     require(lab_home.netns, "cutting a link needs the lab in network namespaces (root)")
-    monkeypatch.setattr(transport, "KEEPALIVE_S", 1)
-    monkeypatch.setattr(transport, "TCP_USER_TIMEOUT_MS", 2000)
+    monkeypatch.setattr(ssh, "KEEPALIVE_S", 1)
+    monkeypatch.setattr(ssh, "TCP_USER_TIMEOUT_MS", 2000)
     with connect("lab2") as conn:
         timer = threading.Timer(0.5, lab_home.cut_link, ["lab2"])
         timer.start()
@@ -211,7 +238,7 @@ def test_proxy_jump_through_lab1(lab_home):
     spec.proxy_jump = "lab1"
     with connect(spec) as conn:
         client_ip = conn.run(["sh", "-c", 'echo "$SSH_CONNECTION"']).stdout.split()[0]
-        assert conn._jump is not None and conn._jump.spec.name == "lab1"
+        assert conn.ssh.jump is not None and conn.ssh.jump.spec.name == "lab1"
     if lab_home.netns:  # lab2 saw the connection come from lab1's own address
         assert client_ip == lab_home.host("lab1").address
 
@@ -221,11 +248,12 @@ def test_proxy_jump_names_resolve_in_the_same_inventory(lab, tmp_path):
     inv = yaml.safe_load(lab.inventory.read_text())
     inv["hosts"] = {"jump": inv["hosts"]["lab1"], "target": {**inv["hosts"]["lab2"],
                                                           "proxy_jump": "jump"}}
+    inv.pop("groups", None)  # the lab's groups name lab1 and lab2, which this file renames
     path = tmp_path / "inv.yaml"
     path.write_text(yaml.safe_dump(inv))
     shutil.copy(lab.known_hosts, paths.known_hosts_file())
     with connect(resolve_host("target", inventory=path)) as conn:
-        assert conn._jump.spec.name == "jump" and conn.run(["true"]).code == 0
+        assert conn.ssh.jump.spec.name == "jump" and conn.run(["true"]).code == 0
 
 
 def test_ssh_config_host_with_proxy_jump(lab_home, tmp_path, monkeypatch):
@@ -249,7 +277,7 @@ Host gpu-x
     spec = resolve_host("gpu-x")
     assert (spec.hostname, spec.proxy_jump) == (h2.hostname, "bastion-x")
     with connect(spec) as conn:
-        assert conn._jump.spec.hostname == h1.hostname
+        assert conn.ssh.jump.spec.hostname == h1.hostname
         assert conn.run(["echo", "via bastion"]).stdout == "via bastion\n"
 
 
@@ -262,16 +290,15 @@ def test_root_tilde_is_expanded_remotely(lab_home):
 
 
 def test_agent_uploaded_once_by_hash(lab_home, tmp_path, monkeypatch):
-    snapshot = tmp_path / "cube_agent.py"  # the real agent, frozen while the test runs
-    shutil.copy(paths.agent_source(), snapshot)
-    monkeypatch.setattr(paths, "agent_source", lambda: snapshot)
+    frozen = agent_bundle.build()  # the real agent, frozen while the test runs
+    monkeypatch.setattr(agent_bundle, "bundle", lambda: frozen)
     spec = resolve_host("lab1")
     spec.root = f"{spec.root}/t-{uuid.uuid4().hex[:8]}"
-    digest = hashlib.sha256(paths.agent_source().read_bytes()).hexdigest()
+    digest = hashlib.sha256(frozen.data).hexdigest()
     with connect(spec) as conn:
         path = conn.ensure_agent()
         assert conn.agent_uploaded
-        assert path == f"{spec.root}/agent/{digest[:16]}/cube_agent.py"
+        assert path == f"{spec.root}/agent/{digest[:16]}.pyz"
         assert conn.run(["sha256sum", path]).stdout.split()[0] == digest
         assert conn.run(["python3", path, "--help"]).code == 0
         inode = conn.run(["stat", "-c", "%i", path]).stdout
@@ -279,22 +306,41 @@ def test_agent_uploaded_once_by_hash(lab_home, tmp_path, monkeypatch):
         assert conn.ensure_agent() == path and not conn.agent_uploaded
         assert conn.run(["stat", "-c", "%i", path]).stdout == inode
         assert conn.run(["ls", "-a", os.path.dirname(path)]).stdout.split() == \
-            [".", "..", "cube_agent.py"]  # no temp file left behind
+            [".", "..", f"{digest[:16]}.pyz"]  # no temp file left behind
+
+
+def test_the_zipapp_runs_on_the_host_in_an_isolated_interpreter(lab_home):
+    """python3 -I -S: no site-packages, no PYTHON* variables, no script folder on sys.path."""
+    spec = resolve_host("lab1")
+    spec.root = f"{spec.root}/t-{uuid.uuid4().hex[:8]}"
+    with connect(spec) as conn:
+        path = conn.ensure_agent()
+        assert path == f"{conn.root}/agent/{agent_bundle.bundle().digest}.pyz"
+        proc = conn.run(["python3", "-I", "-S", path, "--root", conn.root, "probe"])
+    answer = json.loads(proc.stdout)
+    assert answer["ok"] is True and set(answer) == {"ok", "result"}
+    probe = answer["result"]
+    assert probe["root"] == conn.root and probe["agent_version"] >= 2
+    assert probe["python"] and probe["running_jobs"] == []
 
 
 def test_agent_errors_become_cube_errors(lab_home, tmp_path, monkeypatch):
-    fake = tmp_path / "cube_agent.py"
-    fake.write_text(
+    fake = tmp_path / "agent"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text(
         "import json, sys\n"
-        "root = sys.argv[2]\n"
-        "print(json.dumps({'ready': True, 'root': root, 'path': __file__}), flush=True)\n"
-        "for line in sys.stdin:\n"
-        "    req = json.loads(line)\n"
-        "    if req['verb'] == 'ok': out = {'ok': True, 'result': {'args': req['args'], 'input': req['input']}}\n"
-        "    elif req['verb'] == 'bad': print('not json', flush=True); continue\n"
-        "    else: out = {'ok': False, 'error': 'boom happened', 'hint': 'do x'}\n"
-        "    print(json.dumps(out), flush=True)\n")
-    monkeypatch.setattr(paths, "agent_source", lambda: fake)
+        "def main():\n"
+        "    root = sys.argv[2]\n"
+        "    print(json.dumps({'ready': True, 'root': root, 'path': __file__}), flush=True)\n"
+        "    for line in sys.stdin:\n"
+        "        req = json.loads(line)\n"
+        "        if req['verb'] == 'ok': out = {'ok': True, 'result': {'args': req['args'], 'input': req['input']}}\n"
+        "        elif req['verb'] == 'bad': print('not json', flush=True); continue\n"
+        "        else: out = {'ok': False, 'error': 'boom happened', 'hint': 'do x'}\n"
+        "        print(json.dumps(out), flush=True)\n")
+    fake_bundle = agent_bundle.build(fake)
+    monkeypatch.setattr(agent_bundle, "bundle", lambda: fake_bundle)
     spec = resolve_host("lab1")
     spec.root = f"{spec.root}/t-{uuid.uuid4().hex[:8]}"
     with connect(spec) as conn:
