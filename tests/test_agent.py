@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import getpass
 import glob
+import hashlib
+import io
 import json
 import os
 import py_compile
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -123,6 +126,29 @@ def test_agent_compiles_and_is_stdlib_only_for_python_3_8(tmp_path, module):
     names = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     assert len(names) == len(set(names)), "a top-level name is defined twice"
     assert len(source.read_text().splitlines()) <= 700, "split the module"
+
+
+def test_two_builds_of_the_same_source_give_byte_identical_archives(tmp_path):
+    first, second = agent_bundle.build(), agent_bundle.build()  # fresh builds, not the cache
+    assert first.data == second.data and first.digest == second.digest
+    assert first.digest == hashlib.sha256(first.data).hexdigest()[:16]
+    assert first.filename == first.digest + ".pyz"
+    # A copy elsewhere, with new mtimes and bytecode beside it, still gives the same bytes.
+    copy = tmp_path / "agent"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in copy.glob("*.py"):
+        os.utime(path, (1e9, 1e9))
+    (copy / "__pycache__").mkdir()
+    (copy / "__pycache__" / "jobs.cpython-311.pyc").write_bytes(b"stale")
+    assert agent_bundle.build(copy).data == first.data
+    with zipfile.ZipFile(io.BytesIO(first.data)) as archive:
+        names = archive.namelist()
+        assert names == sorted(names) and names[0] == "__main__.py"
+        assert "agent/__main__.py" in names and "agent/protocol.py" in names
+        assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+        assert {i.date_time for i in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert {i.external_attr >> 16 for i in archive.infolist()} == {0o100644}
+    assert agent_bundle.bundle() is agent_bundle.bundle()  # built once per process
 
 
 def test_every_answer_has_one_shape(root):
