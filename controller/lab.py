@@ -225,7 +225,7 @@ ListenAddress {address}
 Port {port}
 HostKey {d / 'ssh_host_ed25519_key'}
 PidFile {d / 'sshd.pid'}
-AuthorizedKeysFile {lab / 'authorized_keys'}
+AuthorizedKeysFile {lab / 'authorized_keys'} .ssh/authorized_keys
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -257,14 +257,16 @@ def _start_host(index: int, netns_mode: bool) -> LabHost:
         pass  # not root: sshd runs unprivileged and does no privilege separation
     if netns_mode:
         netns, veth, address = _setup_netns(name, index)
-        port, prefix = 22, ["ip", "netns", "exec", netns]
+        # nsenter, not `ip netns exec`: that also remounts /sys, hiding /sys/fs/cgroup from
+        # the host's sessions, where podman (which runs its containers itself) needs it.
+        port, prefix = 22, ["nsenter", f"--net=/run/netns/{netns}"]
     else:
         netns = veth = None
         address, port, prefix = "127.0.0.1", _free_port(), []
     cfg = _sshd_config(name, address, port)
     (d / "sshd.pid").unlink(missing_ok=True)
     with open(d / "sshd.log", "ab") as log:
-        # `ip netns exec` execs sshd, so this pid is sshd's listener pid.
+        # nsenter execs sshd, so this pid is sshd's listener pid.
         proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
     host = LabHost(name=name, mode="netns" if netns_mode else "local", address=address,
