@@ -79,7 +79,7 @@ def start():
     None when nvidia-smi is not installed."""
     if shutil.which("nvidia-smi") is None:
         return None
-    procs = []
+    procs = []  # type: list  # a Popen, or the OSError that stopped it
     for argv in (GPU_QUERY, APPS_QUERY):
         try:
             procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -114,7 +114,8 @@ def main() -> None:
     n = len(specs)
     print(f"median of {args.runs} runs, {n} lab hosts (started in {lab_up:.2f} s)")
     print(f"  cube hosts lab1              {one:7.3f} s")
-    print(f"  cube hosts @lab ({n} hosts)   {many:7.3f} s   ratio {many / one:5.2f}  (target <= 2.0)")
+    print(f"  cube hosts @lab ({n} hosts)   {many:7.3f} s   ratio {many / one:5.2f}"
+          "  (target <= 2.0)")
     print(f"  ssh host true (one host)     {ssh_one:7.3f} s")
     print(f"  ssh host true x{n} in a row   {loop:7.3f} s")
     print(f"machine: {os.cpu_count()} cores shared by the controller and all {n} lab hosts, "

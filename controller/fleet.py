@@ -15,15 +15,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from controller.errors import CubeError
 from controller.hosts import HostSpec
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_WORKERS = 16
-CONNECT_SLACK_S = 3.0  # of a host's timeout, kept back from connect's retry budget
+CONNECT_SHARE = 0.6  # of a host's timeout, for connect's retries (and the agent's greeting)
 # One shell round trip for what the probe does not report yet (free memory, podman).
 EXTRAS_SCRIPT = ("awk '/^MemAvailable:/ {print $2}' /proc/meminfo 2>/dev/null || echo; "
                  "if command -v podman >/dev/null 2>&1; then "
@@ -66,7 +66,8 @@ class HostReport:
 
 def probe_host(spec: HostSpec, timeout: float = DEFAULT_TIMEOUT_S) -> HostReport:
     """Connect, probe, describe; any failure becomes an unreachable report, never an exception."""
-    from controller.transport import connect  # paramiko loads only when a host is probed
+    # paramiko loads only when a host is probed, not on every CLI start.
+    from controller.transport import connect  # noqa: PLC0415
 
     start = time.monotonic()
     left = lambda: max(1.0, timeout - (time.monotonic() - start))  # noqa: E731
@@ -74,15 +75,17 @@ def probe_host(spec: HostSpec, timeout: float = DEFAULT_TIMEOUT_S) -> HostReport
     try:
         # transport retries network errors until its budget is spent, plus at most one backoff
         # wait of <= 2 s: leave room for that, so a refused or silent host reports its own
-        # reason before the caller's deadline calls it a timeout.
-        conn = connect(spec, connect_timeout=max(1.0, timeout - CONNECT_SLACK_S))
+        # reason before the caller's deadline calls it a timeout. The same budget is how long
+        # the agent may take to greet, so it must not shrink to nothing either.
+        conn = connect(spec, connect_timeout=max(1.0, timeout * CONNECT_SHARE))
         probe = conn.agent("probe", timeout=left())
         if "mem_available_bytes" not in probe or "podman" not in probe:
             probe = {**_extras(conn, left()), **probe}
     except CubeError as err:
         return unreachable(spec, err.message, err.hint, time.monotonic() - start)
     except Exception as err:  # paramiko and socket errors that transport did not wrap
-        return unreachable(spec, f"{type(err).__name__}: {err}", None, time.monotonic() - start)
+        why = f"{type(err).__name__}: {str(err) or 'no answer in time'}"
+        return unreachable(spec, why, None, time.monotonic() - start)
     finally:
         if conn is not None:
             conn.close()
@@ -135,7 +138,7 @@ def report_from_probe(spec: HostSpec, probe: dict, seconds: float = 0.0) -> Host
 
 
 def _python_versions(pythons: list[dict]) -> list[str]:
-    versions = {p.get("version") for p in pythons if p.get("version")}
+    versions = {str(p["version"]) for p in pythons if p.get("version")}
 
     def key(v: str):
         return [int(x) if x.isdigit() else 0 for x in v.split(".")]
@@ -213,11 +216,11 @@ def probe_hosts(specs: list[HostSpec], *, timeout: float = DEFAULT_TIMEOUT_S,
         try:
             index, report = answers.get(timeout=max(0.0, min(active.values()) + timeout
                                                     - time.monotonic()))
+            if index in active:  # a late answer from an abandoned probe is dropped
+                del active[index]
+                reports[index] = report
         except queue.Empty:
-            index, report = None, None
-        if index in active:  # a late answer from an abandoned probe is dropped
-            del active[index]
-            reports[index] = report
+            pass
         now = time.monotonic()
         for late in [i for i, t in active.items() if now - t >= timeout]:
             reports[late] = unreachable(

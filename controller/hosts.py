@@ -18,6 +18,7 @@ import fcntl
 import getpass
 import os
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,8 @@ def load_inventory(path: Path | None = None) -> dict[str, HostSpec]:
 def _parse_inventory(path: Path, data) -> dict[str, HostSpec]:
     if not isinstance(data, dict) or not isinstance(data.get("hosts") or {}, dict):
         raise ConfigError(path, "must be a mapping with a 'hosts' mapping of name -> settings.",
-                          "Write it as 'hosts: {myhost: {hostname: ..., user: ...}}'.", field="hosts")
+                          "Write it as 'hosts: {myhost: {hostname: ..., user: ...}}'.",
+                          field="hosts")
     unknown = sorted(str(k) for k in set(data) - set(TOP_LEVEL))
     if unknown:
         raise ConfigError(path, f"has unknown top-level key(s) {', '.join(unknown)}.",
@@ -181,7 +183,7 @@ def _spec_from_entry(path: Path, name: str, entry) -> HostSpec:
         proxy_jump=text("proxy_jump"), slots=slots)
 
 
-def update_inventory(set_entries: dict[str, dict], remove: list[str] = (),
+def update_inventory(set_entries: dict[str, dict], remove: Sequence[str] = (),
                      path: Path | None = None, *, join: dict[str, list[str]] | None = None) -> None:
     """Merge entries into the inventory (others kept), atomically and under a lock. Removed
     hosts also leave every top-level group (an emptied group goes); `join` adds hosts to
@@ -243,7 +245,7 @@ def resolve_host(name: str, inventory: Path | None = None,
 
 
 def _from_ssh_config(name: str, ssh_config: Path | None) -> HostSpec | None:
-    import paramiko
+    import paramiko  # noqa: PLC0415  (only names outside the inventory need it: keep it lazy)
 
     path = Path(ssh_config) if ssh_config else Path.home() / ".ssh" / "config"
     if not path.exists():

@@ -20,14 +20,20 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from controller import paths
 from controller.errors import CubeError
-from controller.hosts import atomic_write, file_lock, inventory_groups, load_inventory, \
-    update_inventory
+from controller.hosts import (
+    atomic_write,
+    file_lock,
+    inventory_groups,
+    load_inventory,
+    update_inventory,
+)
 from controller.selectors import parse_selector
 
 SSHD = "/usr/sbin/sshd"
@@ -109,7 +115,8 @@ def _save(host: LabHost) -> None:
 
 def _names() -> list[str]:
     hosts = paths.lab_dir() / "hosts"
-    found = [p.name for p in hosts.glob("lab*") if (p / "host.json").exists()] if hosts.exists() else []
+    found = [p.name for p in hosts.glob("lab*") if (p / "host.json").exists()] \
+        if hosts.exists() else []
     return sorted(found, key=lambda n: int(n[3:]) if n[3:].isdigit() else 0)
 
 
@@ -255,20 +262,22 @@ def _start_host(index: int, netns_mode: bool) -> LabHost:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
     except PermissionError:
         pass  # not root: sshd runs unprivileged and does no privilege separation
+    netns: str | None = None
+    veth: str | None = None
     if netns_mode:
         netns, veth, address = _setup_netns(name, index)
         # nsenter, not `ip netns exec`: that also remounts /sys, hiding /sys/fs/cgroup from
         # the host's sessions, where podman (which runs its containers itself) needs it.
         port, prefix = 22, ["nsenter", f"--net=/run/netns/{netns}"]
     else:
-        netns = veth = None
         address, port, prefix = "127.0.0.1", _free_port(), []
     cfg = _sshd_config(name, address, port)
     (d / "sshd.pid").unlink(missing_ok=True)
     with open(d / "sshd.log", "ab") as log:
         # nsenter execs sshd, so this pid is sshd's listener pid.
-        proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True)
+        proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(cfg)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
     host = LabHost(name=name, mode="netns" if netns_mode else "local", address=address,
                    port=port, pid=proc.pid, root=str(d / "root"), netns=netns, veth=veth)
     _save(host)
@@ -298,7 +307,7 @@ def _host_key_line(host: LabHost) -> str:
     return f"{where} {kind} {key} {KNOWN_HOSTS_TAG}:{lab_tag()}:{host.name}"
 
 
-def _write_known_hosts(hosts: list[LabHost], remove: list[str] = ()) -> None:
+def _write_known_hosts(hosts: list[LabHost], remove: Sequence[str] = ()) -> None:
     """Replace this lab's lines (and any line for a lab address) in $CUBE_HOME/known_hosts."""
     path = paths.known_hosts_file()
     with file_lock(path):
@@ -347,9 +356,10 @@ def lab_up(n: int = 1, netns: bool | None = None, slots: int | None = None) -> l
     # at once; namespace setup still takes the global lock one host at a time.
     with ThreadPoolExecutor(max_workers=min(n, 16)) as pool:
         futures = [pool.submit(_ensure_up, i, netns_mode) for i in range(1, n + 1)]
-    errors = [f.exception() for f in futures if f.exception() is not None]
-    if errors:
-        raise errors[0]  # the started hosts are recorded: `cube lab down` clears them
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise error  # the started hosts are recorded: `cube lab down` clears them
     hosts = [f.result() for f in futures]
     if any(h.mode == "netns" for h in hosts):
         _allow_forwarding()
@@ -377,7 +387,7 @@ def select_lab(selector: str | None) -> list[str]:
     if not parts:
         return names
     groups = inventory_groups() if any(p.startswith("@") for p in parts) else {}
-    chosen = []
+    chosen: list[str] = []
     for part in parts:
         members = [m for m in groups.get(part[1:], []) if m in names] if part.startswith("@") \
             else [part] if part in names else []
@@ -399,7 +409,7 @@ def _teardown_netns(netns: str, veth: str) -> None:
 
 
 def _stop(host: LabHost) -> None:
-    if _pid_alive(host.pid):
+    if host.pid and _pid_alive(host.pid):
         for pid in _children(host.pid):
             _kill(pid, signal.SIGKILL)
         _kill(host.pid, signal.SIGTERM)
@@ -407,11 +417,12 @@ def _stop(host: LabHost) -> None:
         while _pid_alive(host.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         _kill(host.pid, signal.SIGKILL)
-    try:  # reap it when it is our child (tests run the lab in-process)
-        os.waitpid(host.pid, os.WNOHANG)
-    except (ChildProcessError, TypeError, OSError):
-        pass
-    if host.netns:
+    if host.pid:
+        try:  # reap it when it is our child (tests run the lab in-process)
+            os.waitpid(host.pid, os.WNOHANG)
+        except (ChildProcessError, OSError):
+            pass
+    if host.netns and host.veth:
         # Jobs started on the host detach from sshd; everything in the namespace goes too.
         pids = _sh("ip", "netns", "pids", host.netns, check=False).stdout.split()
         for pid in pids:
@@ -466,14 +477,14 @@ def _children(pid: int) -> list[int]:
 def kill_ssh_sessions(name: str) -> int:
     """Kill sshd's per-connection children (not the listener): every SSH session drops."""
     host = _require(name)
-    kids = _children(host.pid)
+    kids = _children(host.pid) if host.pid else []
     for pid in kids:
         _kill(pid, signal.SIGKILL)
     return len(kids)
 
 
 def _peer(host: LabHost) -> str:
-    return "cp" + host.veth[2:]  # the namespace's end of the pair (see _setup_netns)
+    return "cp" + (host.veth or "")[2:]  # the namespace's end of the pair (see _setup_netns)
 
 
 def cut_link(name: str) -> None:
@@ -481,7 +492,7 @@ def cut_link(name: str) -> None:
     dropped (no RST, no ICMP). Downing our end instead would remove the route to 10.203.X.0/24
     and send the packets out of the default route, where a gateway may answer them."""
     host = _require(name)
-    if not host.veth:
+    if not (host.veth and host.netns):
         raise CubeError(f"Lab host '{name}' has no link to cut (it runs on 127.0.0.1).",
                         "Run the lab as root so each host gets its own network namespace.")
     _sh("ip", "-n", host.netns, "link", "set", _peer(host), "down")
@@ -489,7 +500,7 @@ def cut_link(name: str) -> None:
 
 def restore_link(name: str) -> None:
     host = _require(name)
-    if host.veth:
+    if host.veth and host.netns:
         _sh("ip", "-n", host.netns, "link", "set", _peer(host), "up")
         # The namespace's default route went away with its link.
         gateway = host.address.rsplit(".", 1)[0] + ".1"

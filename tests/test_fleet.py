@@ -246,12 +246,14 @@ def cube_json(*args: str, timeout: float = 60) -> tuple[dict, float]:
 def test_cut_and_stopped_hosts_are_reported_within_the_timeout(three_hosts):
     from controller import lab
 
+    warm, _ = cube_json("@lab", "--timeout", "60")  # uploads the agents: not what is timed
+    assert all(r["reachable"] for r in warm["hosts"]), warm
     lab.cut_link("lab2")  # packets to it vanish: connect hangs until our deadline
-    data, took = cube_json("@lab", "--timeout", "3")
+    data, took = cube_json("@lab", "--timeout", "5")
     rows = {r["name"]: r for r in data["hosts"]}
     assert [r["name"] for r in data["hosts"]] == ["lab1", "lab2", "lab3"]
     assert not rows["lab2"]["reachable"] and rows["lab2"]["error"]
-    assert rows["lab2"]["seconds"] <= 3.5 and data["seconds"] < 4.5, data
+    assert rows["lab2"]["seconds"] <= 5.5 and data["seconds"] < 6.5, data
     for name in ("lab1", "lab3"):
         r = rows[name]
         assert r["reachable"] and r["error"] is None, r
@@ -261,16 +263,19 @@ def test_cut_and_stopped_hosts_are_reported_within_the_timeout(three_hosts):
         assert r["pythons"] and all(v.startswith("3.") for v in r["pythons"])
         assert (r["slots_total"], r["slots_free"], r["running"]) == (2, 2, [])
         assert "docker" in r["engines"] or r["engines"] == {}
-    assert took < 10  # interpreter start-up and imports on top of the 3 s budget
+    assert took < 13  # interpreter start-up and imports on top of the 5 s budget
 
     lab.restore_link("lab2")
     three = next(h for h in three_hosts if h.name == "lab3")
     os.kill(three.pid, 9)  # sshd gone: connections are refused until the budget is spent
-    data, _ = cube_json("lab2,lab3", "--timeout", "3")
+    deadline = time.monotonic() + 10
+    while lab._reachable(three.address, three.port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    data, _ = cube_json("lab2,lab3", "--timeout", "5")
     rows = {r["name"]: r for r in data["hosts"]}
     assert rows["lab2"]["reachable"]
     assert not rows["lab3"]["reachable"] and "refused" in rows["lab3"]["error"].lower(), rows
-    assert rows["lab3"]["seconds"] <= 3.5
+    assert rows["lab3"]["seconds"] <= 5.5
 
 
 @pytest.mark.integration

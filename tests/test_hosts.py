@@ -25,8 +25,10 @@ hosts:
   plain: {}
 """)
     spec = resolve_host("gpu1")
-    assert (spec.hostname, spec.port, spec.user, spec.root) == ("10.1.2.3", 2222, "ml", "/data/cube")
-    assert spec.identity_files[0].endswith("/.ssh/k1") and not spec.identity_files[0].startswith("~")
+    assert (spec.hostname, spec.port, spec.user, spec.root) == \
+        ("10.1.2.3", 2222, "ml", "/data/cube")
+    assert spec.identity_files[0].endswith("/.ssh/k1")
+    assert not spec.identity_files[0].startswith("~")
     assert (spec.labels, spec.groups, spec.proxy_jump) == (["gpu"], ["nightly"], "bastion")
     plain = resolve_host("plain")
     assert (plain.hostname, plain.port, plain.user, plain.root) == ("plain", 22, getpass.getuser(),

@@ -9,8 +9,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from controller import fleet
 from controller.cli import app
+from controller.selectors import select_hosts
 
 
 @app.command("hosts")
@@ -24,9 +28,6 @@ def hosts_cmd(
     inventory: Optional[Path] = typer.Option(None, "--inventory", help="Inventory YAML file."),
 ) -> None:
     """Probe the selected hosts in parallel: resources, GPUs, slots and jobs."""
-    from controller import fleet
-    from controller.selectors import select_hosts
-
     specs = select_hosts(selector, list(label or []), inventory)
     start = time.monotonic()
     reports = fleet.probe_hosts(specs, timeout=timeout)
@@ -38,9 +39,6 @@ def hosts_cmd(
 
 
 def _print_table(reports) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("HOST", "UP", "OS", "CPU load/core", "MEM free", "DISK free", "PYTHON",
                    "ENGINES", "GPUS", "SLOTS free/total", "JOBS"):
