@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 
+from . import gpus as gpu_query
 from .jobstate import ACTIVE_STATES, all_states, boot_id, load_json, save_json_atomic
 from .protocol import AGENT_VERSION, verb
 
@@ -30,8 +31,7 @@ VERSION_SNIPPET = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
 def probe(args):
     pythons = start_python_probes(args.root)
     docker = start_command(["docker", "version", "--format", "{{.Server.Version}}"])
-    gpus = start_command(["nvidia-smi", "--query-gpu=index,name,memory.total,memory.used",
-                          "--format=csv,noheader,nounits"])
+    gpus = gpu_query.start()  # GPUs and their compute apps (busy_pids), see agent/gpus.py
     result = {"agent_version": AGENT_VERSION, "hostname": socket.gethostname(),
               "os": os_info(), "root": args.root, "boot_id": boot_id(),
               "disk_free_bytes": disk_free(args.root), "load": load_average(),
@@ -41,7 +41,7 @@ def probe(args):
                               if state["state"] in ACTIVE_STATES]
     result["python"] = finish_python_probes(args.root, pythons)
     result["docker"] = docker_info(docker)
-    result["gpus"], result["gpu_error"] = gpu_info(gpus)
+    result.update(gpu_query.finish(gpus))
     return result
 
 
