@@ -110,8 +110,9 @@ def run_tasks(path, spec, state, cancel):
                 return "cancelled", None, None
             try:
                 proc = subprocess.Popen(task["argv"], cwd=task_cwd(root, path, spec, task),
-                                        env=task_env(spec, task), stdin=subprocess.DEVNULL, stdout=log_fd,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        env=task_env(spec, task), stdin=subprocess.DEVNULL,
+                                        stdout=log_fd, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
             except OSError as err:
                 message = "cube-agent: cannot start task %r: %s" % (task["name"], err)
                 os.write(log_fd, (message + "\n").encode("utf-8"))

@@ -4,8 +4,9 @@
 #   iproute2 (network namespaces), docker.io + debootstrap (container runtime);
 #   a virtualenv .venv with cube installed editable.
 # Usage: scripts/setup.sh [--full]
-#   --full  also the `serve` and `test` extras (TensorFlow, FastAPI, pytest) and a running
-#           Docker engine with the offline base image (what the test suite needs).
+#   --full  also the `serve` and `test` extras (TensorFlow, FastAPI, pytest), a running
+#           Docker engine with the offline base image, and podman (rootful, and rootless for
+#           the user cube-rootless) with that image (what the test suite needs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 full=0
@@ -37,4 +38,6 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   touch "$stamp"
 fi
 (( full )) && scripts/docker-up.sh
+# podman, rootful and rootless (for the tests' rootless user); it needs root
+(( full )) && $( [[ $(id -u) -eq 0 ]] || echo sudo ) scripts/podman-up.sh --user cube-rootless
 echo "setup: ready (.venv/bin/cube $(.venv/bin/cube --version | cut -d' ' -f2))"

@@ -11,7 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-pytest_plugins: list[str] = ["tests.fixtures.lab", "tests.fixtures.docker"]
+pytest_plugins: list[str] = ["tests.fixtures.lab", "tests.fixtures.docker",
+                             "tests.fixtures.podman"]
 
 
 def require(condition: bool, why: str) -> None:

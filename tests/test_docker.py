@@ -536,8 +536,11 @@ def test_launch_spec_runs_the_job_through_the_agent(docker_engine, hello_cube, h
     launched = subprocess.run([*agent, "launch"], input=json.dumps(spec.agent_spec("job-1", None)),
                               capture_output=True, text=True)
     assert launched.returncode == 0, launched.stdout + launched.stderr
-    status = lambda: agent_result(subprocess.run([*agent, "status", "job-1"],
-                                                 capture_output=True, text=True).stdout)
+
+    def status() -> dict:
+        return agent_result(subprocess.run([*agent, "status", "job-1"], capture_output=True,
+                                           text=True).stdout)
+
     wait_for(lambda: status()["state"] not in ("pending", "running"))
     assert status()["state"] == "succeeded"
     outputs = Path(layout.outputs_dir)

@@ -16,12 +16,11 @@ from controller.errors import ConfigError, CubeError
 from controller.plan import HostLayout, LocalLayout, plan_job
 from controller.runtimes import docker as rt
 from controller.runtimes import get_runtime
-from controller.runtimes.base import LocalFacts, ProbedFacts
+from controller.runtimes.base import ProbedFacts
 from controller.runtimes.podman import PodmanRuntime
 from tests.conftest import REPO
 from tests.fixtures.docker import EngineTarget, load_hello
-from tests.fixtures.podman import (LIMIT_ARGS, LIMITS, podman_engine,  # noqa: F401
-                                   podman_image, podman_setup, rootless_host, rootless_user)
+from tests.fixtures.podman import LIMIT_ARGS, LIMITS
 from tests.test_docker import cube_cli, owners, run_local, wait_for
 
 integration = pytest.mark.integration

@@ -20,24 +20,41 @@ import posixpath
 import re
 import secrets
 import shlex
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Mapping, Sequence
 
 from controller.cube import Cube, Param
 from controller.errors import ConfigError, CubeError
 from controller.plan import HostLayout, JobLayout, JobPlan
 from controller.provision import LocalExecutor
 from controller.runtimes.base import HostFacts, LaunchSpec, Log, TaskLaunch
-from controller.runtimes.docker_image import (EngineInfo, build_strategy, engine_info,
-                                              ensure_image, ensure_ship_image, image_name,
-                                              image_plan)
+
 # Re-exported: image handling lived here before it had its own module.
-from controller.runtimes.docker_image import (ALIASES, CHUNK, STRATEGIES,  # noqa: F401
-                                              TAIL_LINES, build_context, check_engine,
-                                              context_hash, dockerfile_path, engine_error,
-                                              image_id, names_registry, ship_image, short)
+from controller.runtimes.docker_image import (  # noqa: F401
+    ALIASES,
+    CHUNK,
+    STRATEGIES,
+    TAIL_LINES,
+    EngineInfo,
+    build_context,
+    build_strategy,
+    check_engine,
+    context_hash,
+    dockerfile_path,
+    engine_error,
+    engine_info,
+    ensure_image,
+    ensure_ship_image,
+    image_id,
+    image_name,
+    image_plan,
+    names_registry,
+    ship_image,
+    short,
+)
 from controller.target import Executor, Target
+from controller.taskargs import task_argv
 
 MOUNT_ROOT = "/mnt/cube"
 _ULIMIT_VALUE = re.compile(r"^(-?\d+|unlimited)(:(-?\d+|unlimited))?$")
@@ -188,8 +205,6 @@ def container_argv(cube: Cube, task: str, params: Sequence[Param] | None = None,
 
 def _entry_and_args(cube: Cube, task: str, params: list[Param], inside: dict[str, str],
                     image: str) -> list[str]:
-    from controller.taskargs import task_argv  # taskargs imports the cube model; keep it late
-
     spec = cube.task(task)
     args = task_argv(cube, task, params, path_for=lambda p: inside[p.name], with_entry=False)
     if spec.entrypoint:  # MLCube's per-task entrypoint replaces ENTRYPOINT and the task name

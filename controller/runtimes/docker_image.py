@@ -13,9 +13,10 @@ import hashlib
 import shlex
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import pathspec
 
@@ -293,6 +294,7 @@ def _stream_save(image: str, remote: StreamTarget, where: str, engine: str) -> t
     stream = remote.open_stream([engine, "load", "--quiet"])
     save = subprocess.Popen([engine, "save", image], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert save.stdout is not None and save.stderr is not None  # both are PIPEs
     try:
         while chunk := save.stdout.read(CHUNK):
             stream.write(chunk)
