@@ -97,6 +97,16 @@ def stop_leftover_container(target: Target, engine: str, name: str, grace: float
     target.sh(shlex.join([engine, "rm", "-f", name]) + " >/dev/null 2>&1")
 
 
+def check_job_inputs(plan: JobPlan) -> None:
+    """Before anything is provisioned: every input that no earlier task of the job writes
+    must exist now (those an earlier task writes are checked again just before their task)."""
+    written: set[str] = set()
+    for task in plan.tasks:
+        ready = [p for p in task.params if p.io != "input" or str(p.path) not in written]
+        check_inputs(plan.cube, task.name, ready)
+        written.update(str(p.path) for p in task.outputs)
+
+
 def failure_hint(plan: JobPlan, failed: str, code: int) -> str:
     """What `cube run` says under a failed task: its log, the signal, the tasks not run."""
     names = plan.task_names

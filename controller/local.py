@@ -14,7 +14,7 @@ from typing import Callable
 from controller import paths
 from controller.cube import Cube, load_cube
 from controller.errors import CubeError, TaskFailed
-from controller.launchers import ForegroundLauncher, failure_hint
+from controller.launchers import ForegroundLauncher, check_job_inputs, failure_hint
 from controller.plan import JobPlan, LocalLayout, plan_job
 from controller.runtimes import get_runtime
 from controller.runtimes.base import LaunchSpec, LocalFacts
@@ -62,6 +62,7 @@ def run(req: LocalRequest, log: Log) -> None:
     """Plan, prepare and run the tasks here; the first failure raises TaskFailed with the
     task's exit code."""
     plan = load_and_plan(req, log)
+    check_job_inputs(plan)
     spec = prepare(plan, log)
     state = ForegroundLauncher(plan, log, req.grace).launch(LocalTarget(), "", None, spec)
     if state["state"] != "succeeded":

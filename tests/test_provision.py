@@ -14,6 +14,7 @@ import pytest
 
 from controller.errors import ConfigError, CubeError
 from controller.provision import (LocalExecutor, StepFailed, load_playbook, render, run_playbook)
+from controller.plan import plan_job
 from controller.runtimes.python import (ensure_local_env, find_interpreter, local_env_dir,
                                         python_task_argv, version_matches)
 
@@ -292,11 +293,12 @@ def test_second_ensure_reuses_env_without_running_the_playbook(tmp_path, cube_ho
     cube = load_cube(make_cube(tmp_path, []))
     lines, log = collect()
     env_dir = ensure_local_env(cube, log)
-    assert env_dir == cube_home / "envs" / cube.env.env_hash()
+    # keyed on the interpreter a local run finds, as on hosts (python.env_hash_for)
+    assert env_dir == cube_home / "envs" / local_env_dir(cube).name
     assert any("building env" in line for line in lines)
     lines.clear()
     assert ensure_local_env(cube, log) == env_dir
-    assert len(lines) == 1 and lines[0].startswith(f"reusing env {cube.env.env_hash()}")
+    assert len(lines) == 1 and lines[0].startswith(f"reusing env {env_dir.name}")
 
 
 def test_changed_requirement_means_a_new_env_dir(tmp_path, cube_home):
@@ -328,7 +330,8 @@ def test_python_task_argv_uses_the_venv_interpreter(tmp_path):
     from controller.cube import load_cube
 
     cube = load_cube(make_cube(tmp_path, []))
-    argv = python_task_argv(cube, "echo", {}, "/envs/abc")
+    task = plan_job(cube, "echo").task("echo")
+    argv = python_task_argv(cube, task, "/envs/abc", lambda p: str(p.path))
     assert argv[:3] == ["/envs/abc/bin/python", "tiny.py", "echo"]
     assert argv[-1] == f"--out_dir={cube.workspace / 'out'}"
 
