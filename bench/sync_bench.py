@@ -98,6 +98,12 @@ class NoFsync:
     def agent_argv(self, *args):
         return ["env", "CUBE_SYNC_FSYNC=0", *self.conn.agent_argv(*args)]
 
+    def agent(self, *args, **kwargs):
+        return self.conn.agent(*args, **kwargs)
+
+    def agent_stream(self, *args, size=None):
+        return self.conn.open_stream(self.agent_argv(*args))  # never in the session: its agent fsyncs
+
     def run(self, *args, **kwargs):
         return self.conn.run(*args, **kwargs)
 
