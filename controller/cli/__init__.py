@@ -43,6 +43,7 @@ def _register() -> None:
     # Imported for their side effect: each adds its commands to `app`.
     from controller.cli import model, local, remote, lab, serve  # noqa: F401
     from controller.cli import hosts  # noqa: F401
+    from controller.cli import ui  # noqa: F401,PLC0415
 
 
 def main() -> None:
