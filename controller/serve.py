@@ -234,6 +234,12 @@ def create_app(model_dir: Path):
 
 
 def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Loopback only: off loopback a token is needed, which `cube serve --token` adds."""
+    from controller.ui.auth import is_loopback
+
+    if not is_loopback(host):
+        raise CubeError(f"Refusing to serve on {host} without a token.",
+                        "Use `cube serve --host ADDR` (it sets a token), or bind 127.0.0.1.")
     app = create_app(model_dir)
     import uvicorn
 
