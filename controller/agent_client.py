@@ -54,8 +54,8 @@ class AgentClient:
         """Upload the zipapp to ROOT/agent/<digest>.pyz unless it is already there; its path."""
         path, folder = self.path, f"{self.root}/agent"
         # One round trip: exists -> 0; else create the folder and answer 1.
-        probe = self.ssh.exec(shlex.join(["sh", "-c", 'test -f "$1" || { mkdir -p "$2" && exit 1; }',
-                                          "sh", path, folder]), timeout=60)
+        script = 'test -f "$1" || { mkdir -p "$2" && exit 1; }'
+        probe = self.ssh.exec(shlex.join(["sh", "-c", script, "sh", path, folder]), timeout=60)
         self.uploaded = probe.code != 0
         if self.uploaded:
             if probe.code != 1:

@@ -140,7 +140,8 @@ def _failed(command: str, where: str, result: ExecResult, timeout: float | None)
                          "Raise the timeout or check the host.")
     tail = "\n".join(result.stderr.strip().splitlines()[-5:])
     return CubeError(f"Command `{command}` on {where} exited with code {result.code}."
-                     + (f" stderr: {tail}" if tail else ""), "See the command's error output above.")
+                     + (f" stderr: {tail}" if tail else ""),
+                     "See the command's error output above.")
 
 
 # Kept for callers of the old name: a host target is what `connect` returns.
