@@ -81,7 +81,8 @@ def _check_entry(info: zipfile.ZipInfo) -> None:
     if stat.S_ISLNK(mode):
         raise ZipRejected(f"ZIP entry '{name}' is a symbolic link; links are not accepted.",
                           "Replace the link with a copy of the file.")
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    kind = stat.S_IFMT(mode)  # 0 when the ZIP was not written on Unix: a plain file
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
         raise ZipRejected(f"ZIP entry '{name}' is not a regular file or folder.")
 
 
