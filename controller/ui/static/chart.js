@@ -1,5 +1,6 @@
 // A small hand-written SVG line chart of per-epoch metrics (metrics.json's "epochs" list):
-// one panel for the losses, one for everything else (accuracies, learning rate...).
+// one panel each for the losses, the accuracies and the rest (learning rate...), so series of
+// different scales do not flatten each other.
 "use strict";
 window.cubeChart = {
   colors: ["#2f5fd0", "#c23b3b", "#1f8a4c", "#b7791f", "#7b3fc4", "#10879b"],
@@ -8,10 +9,10 @@ window.cubeChart = {
     const data = document.getElementById("metrics-data");
     if (!holder || !data) return;
     const metrics = JSON.parse(data.textContent);
-    const losses = metrics.series.filter((s) => s.includes("loss"));
-    const others = metrics.series.filter((s) => !s.includes("loss"));
+    const kind = (s) => (s.includes("loss") ? 0 : s.includes("acc") ? 1 : 2);
+    const groups = [0, 1, 2].map((k) => metrics.series.filter((s) => kind(s) === k));
     holder.innerHTML = "";
-    [losses, others].forEach((names) => { if (names.length) holder.append(this.panel(metrics.epochs, names)); });
+    groups.forEach((names) => { if (names.length) holder.append(this.panel(metrics.epochs, names)); });
   },
   panel(epochs, names) {
     const W = 360, H = 220, L = 48, R = 10, T = 10, B = 30;
@@ -45,7 +46,7 @@ window.cubeChart = {
       add("polyline", {points: pts.map(([x, y]) => `${px(x)},${py(y)}`).join(" "), fill: "none", stroke: color, "stroke-width": 2});
       pts.forEach(([x, y]) => add("circle", {cx: px(x), cy: py(y), r: 3, fill: color}).append(
         Object.assign(document.createElementNS(ns, "title"), {textContent: `${name} epoch ${x}: ${y}`})));
-      add("text", {x: L + i * 110, y: H + 18, fill: color, "font-size": 11, "data-series": name}, name);
+      add("text", {x: L + i * 120, y: H + 18, fill: color, "font-size": 11, "data-series": name}, name);
     });
     return svg;
   },
