@@ -100,7 +100,7 @@ def _cube_path(form: SubmitForm, cubes_dir: Path | None, upload: BinaryIO | None
 
 def _load(form: SubmitForm, path: Path) -> Cube | None:
     """Twice when a runtime is chosen: an error without it is the cube's, with it the
-    runtime's."""
+    runtime's (then the cube as loaded without it still serves the other fields' checks)."""
     where = {"folder": "cube", "zip": "zip", "git": "git_url"}[form.source]
     try:
         cube = load_cube(path)
@@ -113,7 +113,7 @@ def _load(form: SubmitForm, path: Path) -> Cube | None:
         return load_cube(path, requested_runtime=form.runtime)
     except CubeError as err:
         form.fail("runtime", err)
-        return None
+        return cube
 
 
 def _overrides(form: SubmitForm) -> dict[str, str] | None:

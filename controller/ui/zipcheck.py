@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -112,6 +113,9 @@ def extract(source: BinaryIO | Path, plan: ZipPlan, dest: Path, *,
             for info in plan.files:
                 rel = posixpath.normpath(info.filename[len(plan.prefix):])
                 written = _extract_one(archive, info, dest / rel, written, max_total)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise ZipRejected(f"The ZIP is corrupt ({err}).", "Zip the cube's folder again.") from err
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
