@@ -27,7 +27,7 @@ class AgentError(Exception):
         self.message, self.hint = message, hint
 
 
-class Verb(object):
+class Verb:
     def __init__(self, name, handler, arguments, output, in_session):
         self.name, self.handler, self.arguments = name, handler, arguments
         self.output = output          # "answer", "own" or "stream": see `verb`

@@ -19,8 +19,7 @@ import subprocess
 import sys
 import traceback
 
-from .protocol import (AGENT_VERSION, VERBS, arg, archive, build_parser, dispatch, error, ok,
-                       verb)
+from .protocol import AGENT_VERSION, VERBS, archive, arg, build_parser, dispatch, error, ok, verb
 
 
 @verb("serve", output="own", in_session=False)
@@ -79,8 +78,7 @@ def sh(args):
     env = dict((k, v) for k, v in os.environ.items() if k not in ("SSH_CLIENT", "SSH2_CLIENT"))
     try:
         proc = subprocess.run([shell, "-c", args.command], stdin=subprocess.DEVNULL, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=args.timeout)
+                              capture_output=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as err:
         return {"code": 124, "stdout": decode(err.stdout), "timed_out": True,
                 "stderr": decode(err.stderr) + "\ntimed out after %g s" % args.timeout}

@@ -64,8 +64,8 @@ def bench_cube(ws: Path) -> dict:
 
 def bench_mlcube_example(data_dir: Path, epochs: int) -> dict:
     """MLCube's example model and hyper-parameters (adam, batch 32), on the same npz."""
-    import numpy as np
     import keras
+    import numpy as np
 
     with np.load(data_dir / "mnist.npz") as npz:
         x_train, y_train = npz["x_train"] / 255.0, npz["y_train"]
@@ -90,7 +90,7 @@ def report(cube: dict, peer: dict, load_before, load_after) -> None:
     header = ("model", "test acc", "epochs", "s/epoch", "wall s")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
     for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     err_cube, err_peer = 1 - cube["accuracy"], 1 - peer["accuracy"]
     print(f"\ncube vs reference: {cube['accuracy'] - REFERENCE_ACCURACY:+.2%} accuracy "
           f"({'meets' if cube['accuracy'] >= REFERENCE_ACCURACY else 'misses'} 99.4%); "

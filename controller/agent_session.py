@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 import threading
 
 import paramiko
@@ -41,7 +40,7 @@ class AgentSession:
 
     @classmethod
     def start(cls, channel: paramiko.Channel, host: str, root: str, digest: str,
-              timeout: float) -> "AgentSession":
+              timeout: float) -> AgentSession:
         """Start the agent of `digest` on a fresh channel; AgentMissing when it is absent."""
         channel.exec_command(shlex.join(["sh", "-c", START_SCRIPT, "sh", root, digest]))
         return cls(channel, host, timeout)
@@ -83,7 +82,7 @@ class AgentSession:
             try:
                 self._channel.sendall((json.dumps(message) + "\n").encode())
                 line = self._reader.readline()
-            except (socket.timeout, OSError, EOFError, paramiko.SSHException) as err:
+            except (TimeoutError, OSError, EOFError, paramiko.SSHException) as err:
                 self.close()
                 raise SessionLost(f"{type(err).__name__}: {err}") from None
         if not line:

@@ -21,15 +21,29 @@ from pathlib import Path
 import yaml
 
 from controller.entrypoint import is_python, map_command
-from controller.environment import choose_runtime, load_environment
-from controller.errors import ConfigError, CubeError
-from controller.yamlsource import (Source, kind_of, mapping_field, optional_str,
-                                   unknown_key_warnings)
+
 # Re-exported: these lived here before the environment and YAML helpers had their own modules.
-from controller.environment import (FRAMEWORK_PACKAGES, METADATA_FILE,  # noqa: F401
-                                    METADATA_KEYS, PYTHON_NAMES, RUNTIMES, read_requirements,
-                                    requirement_name)
-from controller.yamlsource import line_of, yaml_line_map  # noqa: F401
+from controller.environment import (  # noqa: F401
+    FRAMEWORK_PACKAGES,
+    METADATA_FILE,
+    METADATA_KEYS,
+    PYTHON_NAMES,
+    RUNTIMES,
+    choose_runtime,
+    load_environment,
+    read_requirements,
+    requirement_name,
+)
+from controller.errors import ConfigError, CubeError
+from controller.yamlsource import (  # noqa: F401
+    Source,
+    kind_of,
+    line_of,
+    mapping_field,
+    optional_str,
+    unknown_key_warnings,
+    yaml_line_map,
+)
 
 MLCUBE_FILE = "mlcube.yaml"
 PARAM_TYPES = ("file", "directory")
@@ -177,7 +191,7 @@ def load_cube(path, workspace: Path | None = None, config_overrides=None,
     ws = Path(os.path.abspath(ws if ws.is_absolute() else Path.cwd() / ws))
     warnings = unknown_key_warnings(src, MLCUBE_KEYS)
     cube = Cube(
-        name=_str_field(src, "name", required=True), root=root, workspace=ws,
+        name=str(_str_field(src, "name", required=True)), root=root, workspace=ws,
         description=_str_field(src, "description") or "",
         platform=_platform(src), docker=_docker(src),
         tasks=_load_tasks(src, ws), env=Environment(), warnings=warnings, config=config,
@@ -193,7 +207,7 @@ def _map_task_entrypoints(cube: Cube, src: Source) -> None:
         if not task.entrypoint:
             continue
         fld = f"tasks.{task.name}.entrypoint"
-        task.entry = map_command(cube, shlex.split(task.entrypoint), lambda word: src.error(
+        task.entry = map_command(cube, shlex.split(task.entrypoint), lambda word, fld=fld: src.error(
             fld, f"runs '{word}', which is not a file in the cube folder {cube.root}.",
             "Name a script that is in the cube, e.g. 'entrypoint: python3 /workspace/other.py'."))
 

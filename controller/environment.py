@@ -8,11 +8,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.runtimes import RUNTIMES
 from controller.entrypoint import dockerfile_entry, find_dockerfile, metadata_entry
 from controller.errors import ConfigError, CubeError
-from controller.yamlsource import (Source, kind_of, mapping_field, optional_str,
-                                   unknown_key_warnings)
+from controller.runtimes import RUNTIMES
+from controller.yamlsource import Source, kind_of, mapping_field, optional_str, unknown_key_warnings
 
 if TYPE_CHECKING:
     from controller.cube import Cube

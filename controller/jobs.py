@@ -114,7 +114,7 @@ class Ledger:
             self._db.close()
             raise
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -135,7 +135,7 @@ class Ledger:
             self._db.execute("ROLLBACK")
             raise
         finally:
-            self._db.isolation_level = ""
+            self._db.isolation_level = "DEFERRED"   # sqlite3's default: implicit transactions
 
     def _upgrade(self) -> None:
         exists = self._db.execute(
@@ -180,7 +180,8 @@ class Ledger:
         raise CubeError(f"Job reference '{ref}' is ambiguous: {ids}.", "Give more of the id.")
 
     def list(self, host: str | None = None, limit: int = 50) -> list[Job]:
-        query, args = "SELECT * FROM jobs", ()
+        query = "SELECT * FROM jobs"
+        args: tuple[str, ...] = ()
         if host:
             query, args = query + " WHERE host = ?", (host,)
         rows = self._db.execute(query + " ORDER BY created_at DESC LIMIT ?", (*args, limit))

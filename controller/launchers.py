@@ -16,13 +16,14 @@ import json
 import os
 import shlex
 import signal
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from controller.plan import JobPlan, TaskPlan
 from controller.runner import run_process, task_log_path
-from controller.taskargs import check_inputs
 from controller.runtimes.base import LaunchSpec, TaskLaunch
 from controller.target import Target
+from controller.taskargs import check_inputs
 
 Log = Callable[[str], None]
 

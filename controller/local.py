@@ -7,9 +7,9 @@ Nothing here prints: messages go to the caller's `log` sink, task output to the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from controller import paths
 from controller.cube import Cube, load_cube

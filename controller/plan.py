@@ -56,7 +56,7 @@ class JobPlan:
     @property
     def produced(self) -> set[str]:
         """Workspace-relative paths some task of the job writes."""
-        return {p.rel for t in self.tasks for p in t.outputs if p.rel is not None}
+        return {str(p.rel) for t in self.tasks for p in t.outputs if p.rel is not None}
 
     def is_produced(self, param: Param) -> bool:
         return param.io == "output" or param.rel in self.produced
@@ -79,7 +79,7 @@ class JobPlan:
                         f"Input '{p.name}' of task '{task.name}' does not exist: {p.path}.",
                         "Create it, point the parameter elsewhere with name=PATH, or add the "
                         "task that produces it to --task.")
-                needed.add(p.rel)
+                needed.add(str(p.rel))
         return sorted(needed)
 
 
@@ -153,7 +153,7 @@ class HostLayout:
     produced: frozenset[str] = frozenset()
 
     @classmethod
-    def for_plan(cls, root: str, plan: JobPlan, job_id: str) -> "HostLayout":
+    def for_plan(cls, root: str, plan: JobPlan, job_id: str) -> HostLayout:
         return cls(root, plan.cube.name, job_id, frozenset(plan.produced))
 
     @property

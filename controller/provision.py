@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import secrets
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from controller.errors import ConfigError, CubeError
-from controller.target import ExecResult, Executor, LocalTarget  # noqa: F401 (re-exported)
 from controller.paths import playbooks_dir
+from controller.target import ExecResult, Executor, LocalTarget  # noqa: F401 (re-exported)
 
 TAIL_LINES = 20
 STEP_KEYS = {"name", "run", "check", "when", "timeout"}
@@ -210,7 +211,8 @@ def _raw(value: Any) -> Raw:
 
 
 def _jinja(quote: bool):
-    import jinja2
+    # jinja2 loads only when a playbook runs: a warm `cube run` reuses its env without one.
+    import jinja2  # noqa: PLC0415
 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False, finalize=shell_quote if quote else None)
@@ -230,7 +232,7 @@ def _env(quote: bool):
 
 def render(template: str, variables: dict, *, where: tuple[Path, str], quote: bool = True) -> str:
     """Render one command; a missing variable is a ConfigError naming file, step and variable."""
-    import jinja2
+    import jinja2  # noqa: PLC0415 (see _jinja)
 
     path, step = where
     try:
@@ -245,7 +247,7 @@ def render(template: str, variables: dict, *, where: tuple[Path, str], quote: bo
 
 
 def evaluate_when(expr: str, variables: dict, where: tuple[Path, str]) -> bool:
-    import jinja2
+    import jinja2  # noqa: PLC0415 (see _jinja)
 
     path, step = where
     try:

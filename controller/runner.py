@@ -89,9 +89,11 @@ def run_process(argv: list[str], *, cwd: Path | str, log_file: Path, env: dict |
                         "the command.") from None
     stopper = _GroupStopper(proc.pid, grace)
     previous = _install(stopper)
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE above
     try:
         with open(log_file, "ab") as log:
-            pump = threading.Thread(target=_pump, args=(proc.stdout.fileno(), out, log),
+            pump = threading.Thread(target=_pump, args=(stdout.fileno(), out, log),
                                     daemon=True)
             pump.start()
             code = proc.wait()
@@ -99,7 +101,7 @@ def run_process(argv: list[str], *, cwd: Path | str, log_file: Path, env: dict |
     finally:
         stopper.cancel()
         _restore(previous)
-        proc.stdout.close()
+        stdout.close()
     if stopper.signum is not None:
         return 128 + stopper.signum
     return 128 - code if code < 0 else code

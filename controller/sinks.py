@@ -3,8 +3,8 @@ sinks in and is the only place that prints; library functions never touch stdout
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 def _discard(_value: object) -> None:

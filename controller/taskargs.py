@@ -9,8 +9,8 @@ the path the task sees (a job folder on a host, a mount point in a container). T
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from controller.cube import Cube, Param, Task, make_param, split_override
 from controller.errors import CubeError
@@ -96,7 +96,7 @@ def prepare_outputs(params: Sequence[Param], root: Path | None = None) -> list[P
             continue
         if root is not None and p.rel is None:
             continue
-        path = Path(root) / p.rel if root is not None else p.path
+        path = Path(root) / str(p.rel) if root is not None else p.path
         folder = path if p.type == "directory" else path.parent
         folder.mkdir(parents=True, exist_ok=True)
         made.append(folder)

@@ -8,7 +8,6 @@ import csv
 import json
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid

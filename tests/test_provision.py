@@ -5,18 +5,23 @@ pip against the configured index: nothing here is mocked."""
 from __future__ import annotations
 
 import json
-import sys
 import shlex
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from controller.errors import ConfigError, CubeError
-from controller.provision import (LocalExecutor, StepFailed, load_playbook, render, run_playbook)
 from controller.plan import plan_job
-from controller.runtimes.python import (ensure_local_env, find_interpreter, local_env_dir,
-                                        python_task_argv, version_matches)
+from controller.provision import LocalExecutor, StepFailed, load_playbook, render, run_playbook
+from controller.runtimes.python import (
+    ensure_local_env,
+    find_interpreter,
+    local_env_dir,
+    python_task_argv,
+    version_matches,
+)
 
 NO_SUCH_PACKAGE = "cube-no-such-package-xyz==1.0"
 

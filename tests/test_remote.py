@@ -52,7 +52,8 @@ class Background:
         while text not in self.lines:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise AssertionError(f"never saw {text!r}; got {self.lines[-5:]}; "
-                                     f"stderr: {self.proc.stderr.read() if self.proc.poll() is not None else ''}")
+                                     "stderr: " + (self.proc.stderr.read()
+                                                   if self.proc.poll() is not None else ""))
             time.sleep(0.05)
 
     def finish(self, timeout: float = 300) -> tuple[int, str]:
@@ -148,7 +149,7 @@ def test_killed_ssh_sessions_do_not_lose_or_double_a_log_line(lab, lab_home, fau
     code, stderr = run.finish()
     assert code == 0, stderr
     assert "reconnect" in stderr
-    assert [l for l in run.lines if l.startswith("line ")] == SLOW_LINES
+    assert [line for line in run.lines if line.startswith("line ")] == SLOW_LINES
     assert (faulty / "workspace" / "out" / "result.txt").read_text() == "done 40 lines\n"
 
 
@@ -163,7 +164,7 @@ def test_cut_link_mid_run_is_survived(lab, lab_home, faulty, quick_follow):
         lab.restore_link("lab1")
     code, stderr = run.finish()
     assert code == 0, stderr
-    assert [l for l in run.lines if l.startswith("line ")] == SLOW_LINES
+    assert [line for line in run.lines if line.startswith("line ")] == SLOW_LINES
     assert (faulty / "workspace" / "out" / "result.txt").exists()
 
 
@@ -178,7 +179,7 @@ def test_killed_controller_then_attach_finishes_the_pull(lab_home, faulty):
     assert attached.returncode == 0, attached.stderr
     assert (faulty / "workspace" / "out" / "result.txt").read_text() == "done 40 lines\n"
     log_lines = Path(job["log_path"]).read_text().splitlines()
-    assert [l for l in log_lines if l.startswith("line ")] == SLOW_LINES
+    assert [line for line in log_lines if line.startswith("line ")] == SLOW_LINES
 
 
 def test_ctrl_c_detaches_and_the_task_keeps_running(lab_home, faulty):

@@ -128,7 +128,8 @@ def test_log_path_uses_the_tasks_log_dir_output(tmp_path):
     moved = task_log_path(cube, params(cube, "train", {"log_dir": str(tmp_path / "elsewhere")}), "train")
     assert moved.parent == tmp_path / "elsewhere"
     path.touch()
-    assert task_log_path(cube, params(cube, "train"), "train") != path  # same second: a new name, never appended
+    # same second: a new name, never appended
+    assert task_log_path(cube, params(cube, "train"), "train") != path
 
 
 def test_log_path_defaults_to_workspace_logs(tmp_path):

@@ -11,8 +11,15 @@ import pytest
 
 from controller.cube import load_cube
 from controller.errors import CubeError
-from controller.taskargs import (apply_param_overrides, check_inputs, overrides_for,
-                                 parse_param_overrides, prepare_outputs, split_tasks, task_argv)
+from controller.taskargs import (
+    apply_param_overrides,
+    check_inputs,
+    overrides_for,
+    parse_param_overrides,
+    prepare_outputs,
+    split_tasks,
+    task_argv,
+)
 from tests.conftest import REPO
 from tests.test_cube import MLCUBE, make_cube
 

@@ -335,7 +335,8 @@ def test_agent_errors_become_cube_errors(lab_home, tmp_path, monkeypatch):
         "    print(json.dumps({'ready': True, 'root': root, 'path': __file__}), flush=True)\n"
         "    for line in sys.stdin:\n"
         "        req = json.loads(line)\n"
-        "        if req['verb'] == 'ok': out = {'ok': True, 'result': {'args': req['args'], 'input': req['input']}}\n"
+        "        if req['verb'] == 'ok':\n"
+        "            out = {'ok': True, 'result': {'args': req['args'], 'input': req['input']}}\n"
         "        elif req['verb'] == 'bad': print('not json', flush=True); continue\n"
         "        else: out = {'ok': False, 'error': 'boom happened', 'hint': 'do x'}\n"
         "        print(json.dumps(out), flush=True)\n")

@@ -49,8 +49,9 @@ def run(ctx: typer.Context) -> None:
 
 def main_run(argv: list[str]) -> None:
     """`cube run` from raw arguments; the CLI entry can call it directly, skipping typer."""
-    from controller import local  # the runtime's modules, only once the arguments parse
-    from controller.taskargs import parse_param_overrides
+    # The runtime's modules load only here, so `cube --help` and the other commands skip them.
+    from controller import local  # noqa: PLC0415
+    from controller.taskargs import parse_param_overrides  # noqa: PLC0415
 
     args = _parser().parse_intermixed_args(argv)
     req = local.LocalRequest(args.cube, args.task, parse_param_overrides(args.overrides),

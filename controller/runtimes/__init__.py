@@ -23,7 +23,7 @@ RUNTIMES: dict[str, str] = {
 }
 
 
-def get_runtime(name: str) -> "Runtime":
+def get_runtime(name: str) -> Runtime:
     if name not in RUNTIMES:
         raise CubeError(f"Unknown runtime '{name}'.", f"Valid runtimes: {', '.join(RUNTIMES)}.")
     module, _, cls = RUNTIMES[name].partition(":")

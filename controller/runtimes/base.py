@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 from controller.plan import JobLayout, JobPlan
 from controller.target import Target
@@ -99,7 +100,8 @@ class LocalFacts:
 
     @property
     def pythons(self) -> Iterable:
-        from controller.runtimes.python import local_interpreters  # lazy: a generator anyway
+        # Imported here: the python runtime imports this module (a cycle at the top).
+        from controller.runtimes.python import local_interpreters  # noqa: PLC0415
 
         return local_interpreters()
 

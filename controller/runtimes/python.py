@@ -15,10 +15,9 @@ import secrets
 import shlex
 import subprocess
 import sys
-import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from controller.cube import Param
 from controller.entrypoint import is_python
@@ -27,7 +26,7 @@ from controller.paths import envs_dir
 from controller.plan import JobLayout, JobPlan, LocalLayout, TaskPlan, output_dirs
 from controller.provision import run_playbook
 from controller.runtimes.base import HostFacts, LaunchSpec, LocalFacts, Log, TaskLaunch
-from controller.target import Target
+from controller.target import LocalTarget, Target
 from controller.taskargs import task_argv
 
 MIN_VERSION = (3, 8)
@@ -63,6 +62,7 @@ def version_matches(version: str, requirement: str | None) -> bool:
         return have >= MIN_VERSION
     req = requirement.strip().removeprefix("python").strip()
     op = re.match(r"^(>=|<=|==|>|<)?\s*", req)
+    assert op is not None  # the pattern matches any string (every part is optional)
     want = _as_tuple(req[op.end():])
     if not want:
         raise CubeError(f"Python version requirement '{requirement}' is not a version.",
@@ -214,8 +214,6 @@ def _discard(target: Target, env_dir: str) -> None:
 
 def ensure_local_env(cube, log: Log, *, plan: bool = False) -> Path:
     """The cube's venv on this machine (what `cube run` provisions), for tools and benches."""
-    from controller.target import LocalTarget  # LocalTarget imports nothing of the runtimes
-
     layout = LocalLayout(cube.root, envs_dir())
     return Path(provision_env(cube, LocalTarget(), layout, LocalFacts(), log, dry_run=plan))
 
@@ -227,7 +225,8 @@ def local_env_dir(cube) -> Path:
 
 
 def pick_interpreter(version_req: str | None, candidates: Iterable) -> Interpreter:
-    path = find_interpreter(version_req, _remember(candidates, seen := []))
+    seen: list[Interpreter] = []
+    path = find_interpreter(version_req, _remember(candidates, seen))
     return next(i for i in seen if i.path == path)
 
 
