@@ -44,7 +44,7 @@ def well_known_digit(tiny_model, mnist_data, tmp_path):  # noqa: F811
     model = load_model(tiny_model)
     with np.load(mnist_data / "mnist.npz") as npz:
         images, labels = npz["x_test"][:200], npz["y_test"][:200]
-    for pixels, label in zip(images, labels):
+    for pixels, label in zip(images, labels, strict=True):
         answer = predict(model, pixels)
         if answer["digit"] == label and max(answer["probabilities"]) > 0.9:
             buf = io.BytesIO()

@@ -44,7 +44,8 @@ def resolve(job: Job, rel: str) -> Path:
     root = workspace(job)
     clean = rel.strip("/")
     allowed = [o.strip("/") for o in job.outputs]
-    if ".." in clean.split("/") or not clean or not any(clean == o or clean.startswith(o + "/") for o in allowed):
+    inside_an_output = any(clean == o or clean.startswith(o + "/") for o in allowed)
+    if ".." in clean.split("/") or not clean or not inside_an_output:
         raise OutsideWorkspace(f"'{rel}' is not an output of job {job.id}.",
                                f"Its outputs: {', '.join(job.outputs) or 'none'}.")
     target = (root / clean).resolve()
