@@ -233,3 +233,10 @@ def test_a_hostile_zip_upload_is_a_4xx_page_never_a_500(cube_home):
     assert resp.status_code == 400 and "leaves the folder" in resp.text
     assert not (cube_home / "ui" / "sources").exists() or not any(
         (cube_home / "ui" / "sources").rglob("evil"))
+
+
+def test_cube_serve_refuses_a_non_loopback_bind_without_its_token(tmp_path):
+    from controller.serve import serve
+
+    with pytest.raises(CubeError, match="without a token"):
+        serve(tmp_path, host="0.0.0.0")
