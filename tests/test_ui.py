@@ -148,10 +148,18 @@ def test_an_uploaded_zip_cube_runs(lab_home, browser, ui_server, tmp_path):
     archive = zip_of_folder(cube, tmp_path / "hello.zip")
     base = ui_server()
     submit(browser, base, zip_path=archive, tasks="greet", host="lab1")
-    open_job(browser)
+    first = open_job(browser)
     wait_state(browser, "succeeded")
     assert "Hello, Grace!" in text(browser, "#log")
     assert "greetings" in text(browser, "#outputs")
+
+    browser.find_element(By.ID, "fetch").click()
+    wait(browser, lambda d: "Outputs fetched" in text(d, "#done"), 30, text(browser, "main"))
+    browser.find_element(By.ID, "rerun").click()
+    second = open_job(browser)
+    assert second != first
+    wait_state(browser, "succeeded")
+    assert "Hello, Ada!" in text(browser, "#log") and "greet" in text(browser, "#live")
 
 
 def test_hostile_zips_are_refused_with_the_reason_beside_the_field(browser, ui_server, tmp_path,
