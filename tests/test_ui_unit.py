@@ -240,3 +240,13 @@ def test_cube_serve_refuses_a_non_loopback_bind_without_its_token(tmp_path):
 
     with pytest.raises(CubeError, match="without a token"):
         serve(tmp_path, host="0.0.0.0")
+
+
+def test_jobs_with_a_sweep_id_are_grouped_and_the_rest_listed():
+    from controller.ui.pages.jobs import _group_sweeps
+
+    jobs = [Job(id=f"j{i}", cube="c", host="h", tasks=["t"]) for i in range(3)]
+    jobs[0].sweep = jobs[2].sweep = "lr-sweep"  # type: ignore[attr-defined]  (a future field)
+    singles, sweeps = _group_sweeps(jobs)
+    assert [j.id for j in singles] == ["j1"]
+    assert {k: [j.id for j in v] for k, v in sweeps.items()} == {"lr-sweep": ["j0", "j2"]}
