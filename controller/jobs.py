@@ -19,7 +19,7 @@ from pathlib import Path
 from controller import paths
 from controller.errors import CubeError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FINAL_STATES = {"succeeded", "failed", "cancelled", "lost"}
 
 # Parameter or variable names whose values must never be stored.
@@ -37,6 +37,7 @@ _COLUMNS = """
 # step by step inside one transaction, so a crash leaves it at its old version, intact.
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE jobs ADD COLUMN launcher TEXT DEFAULT 'agent'"],
+    3: ["CREATE TABLE records (job_id TEXT PRIMARY KEY, record TEXT NOT NULL)"],
 }
 
 
@@ -142,6 +143,8 @@ class Ledger:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
         if not exists:
             self._db.execute(f"CREATE TABLE jobs ({_COLUMNS})")
+            for statement in MIGRATIONS[3]:   # tables added after the first release
+                self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
         found = self.version or 1   # version 1 ledgers may not have set user_version
@@ -186,6 +189,17 @@ class Ledger:
             query, args = query + " WHERE host = ?", (host,)
         rows = self._db.execute(query + " ORDER BY created_at DESC LIMIT ?", (*args, limit))
         return [_from_row(r) for r in rows]
+
+    def save_record(self, job_id: str, record: dict) -> None:
+        """A job's run record (controller/records.py); its large parts live in files."""
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO records (job_id, record) VALUES (?, ?)",
+                             (job_id, json.dumps(record, sort_keys=True)))
+
+    def record(self, job_id: str) -> dict | None:
+        row = self._db.execute("SELECT record FROM records WHERE job_id = ?",
+                               (job_id,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def close(self) -> None:
         self._db.close()

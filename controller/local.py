@@ -7,13 +7,15 @@ Nothing here prints: messages go to the caller's `log` sink, task output to the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller import paths
+from controller import paths, records
 from controller.cube import Cube, load_cube
 from controller.errors import CubeError, TaskFailed
+from controller.jobs import Job, Ledger, new_job_id
 from controller.launchers import ForegroundLauncher, check_job_inputs, failure_hint
 from controller.plan import JobPlan, LocalLayout, plan_job
 from controller.runtimes import get_runtime
@@ -58,13 +60,48 @@ def prepare(plan: JobPlan, log: Log, *, dry_run: bool = False) -> LaunchSpec:
                                              dry_run=dry_run)
 
 
-def run(req: LocalRequest, log: Log) -> None:
-    """Plan, prepare and run the tasks here; the first failure raises TaskFailed with the
-    task's exit code."""
+def run(req: LocalRequest, log: Log) -> str:
+    """Plan, prepare and run the tasks here, recorded in the ledger as a job; returns its id.
+    The first failure raises TaskFailed with the task's exit code."""
     plan = load_and_plan(req, log)
     check_job_inputs(plan)
     spec = prepare(plan, log)
-    state = ForegroundLauncher(plan, log, req.grace).launch(LocalTarget(), "", None, spec)
+    with Ledger() as ledger:
+        job = _new_job(plan, req)
+        ledger.save_record(job.id, records.start_record(
+            plan, job, spec, records.local_host(), req.config_overrides or [], LocalTarget(),
+            str(paths.envs_dir())))
+        job.started_at, job.state = time.time(), "running"
+        ledger.save(job)
+        state: dict = {"state": "failed", "exit_code": None}   # until the launcher answers
+        try:
+            state = ForegroundLauncher(plan, log, req.grace).launch(LocalTarget(), job.id,
+                                                                     None, spec)
+        except KeyboardInterrupt:
+            state = {"state": "cancelled", "exit_code": 130}
+            raise
+        finally:
+            _finish(ledger, job, state)
     if state["state"] != "succeeded":
         task, code = state["task"], state["exit_code"]
         raise TaskFailed(task, code, failure_hint(plan, task, code))
+    return job.id
+
+
+def _new_job(plan: JobPlan, req: LocalRequest) -> Job:
+    cube = plan.cube
+    return Job(id=new_job_id(cube.name), cube=cube.name, host="local", tasks=plan.task_names,
+               cube_path=str(cube.root), params=dict(plan.overrides), runtime=plan.runtime,
+               workspace=str(cube.workspace), outputs=plan.outputs_to_pull,
+               launcher="foreground")
+
+
+def _finish(ledger: Ledger, job: Job, state: dict) -> None:
+    job.state, job.exit_code = state["state"], state.get("exit_code")
+    job.ended_at = time.time()
+    job.outputs_pulled = True   # they were written in place
+    ledger.save(job)
+    record = ledger.record(job.id)
+    if record is not None:
+        outputs = records.output_digests(Path(job.workspace), job.outputs)
+        ledger.save_record(job.id, records.finish_record(record, job, state, outputs))

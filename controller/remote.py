@@ -10,6 +10,7 @@ caller's sinks. Each command opens one ledger and closes it.
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import posixpath
 import shlex
@@ -23,7 +24,7 @@ from typing import BinaryIO, TypeVar
 import paramiko
 
 from controller import jobs as ledger_mod
-from controller import paths, sync
+from controller import paths, records, sync
 from controller.cube import Cube, load_cube
 from controller.errors import CubeError, HostUnreachable, TaskFailed
 from controller.hosts import resolve_host
@@ -83,7 +84,7 @@ def run(req: RunRequest, sinks: Sinks) -> RunResult:
         sinks.job_started(job.id)
         sinks.log(f"job {job.id}: {', '.join(plan.task_names)} on {req.host} "
                   f"({plan.runtime}: {plan.runtime_reason})")
-        _start(ledger, job, plan, inputs, target, sinks.log)
+        _start(ledger, job, plan, inputs, target, sinks.log, req.config_overrides)
         if req.detach:
             sinks.log(f"detached; follow with `cube remote attach {job.id}`")
             return RunResult(job.id, job.state, 0)
@@ -91,14 +92,18 @@ def run(req: RunRequest, sinks: Sinks) -> RunResult:
 
 
 def _start(ledger: Ledger, job: Job, plan: JobPlan, inputs: list[str], target: HostTarget,
-           log: Callable[[str], None]) -> None:
+           log: Callable[[str], None], config_overrides: list[str]) -> None:
     layout = HostLayout.for_plan(target.root, plan, job.id)
-    facts = ProbedFacts(_timed(log, "probe", lambda: target.agent("probe")))
+    probe = _timed(log, "probe", lambda: target.agent("probe"))
+    facts = ProbedFacts(probe)
     _sync_up(target, plan.cube, layout, inputs, log)
     start = time.monotonic()
     spec = get_runtime(plan.runtime).prepare(plan, target, layout, facts, log)
     log(f"prepare {plan.runtime}: {time.monotonic() - start:.2f}s")
     job.env_hash = spec.env_key
+    record = records.start_record(plan, job, spec, records.host_from_probe(job.host, probe),
+                                  config_overrides, target, layout.envs_dir)
+    ledger.save_record(job.id, record)
     state = launcher_for(target).launch(target, job.id, job.name, spec)
     job.state = state.get("state", "running")
     job.started_at = time.time()
@@ -178,21 +183,45 @@ def _follow_and_finish(ledger: Ledger, target: HostTarget, job: Job, sinks: Sink
 def _follow(target: HostTarget, job: Job, sinks: Sinks) -> dict:
     """Stream the job's log from where the local copy ends until the job is final; reconnect
     on a dropped link. The local log file's size IS the offset, so no byte is lost or doubled,
-    even across a killed controller."""
+    even across a killed controller, or with several followers of one job (a terminal and the
+    web page): each appends under a lock only if the file has not grown meanwhile, and shows
+    what the file gained, whoever wrote it."""
     path = Path(job.log_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as out:
+    with open(path, "ab") as out, open(path, "rb") as shown:
+        shown.seek(0, os.SEEK_END)
         while True:
+            offset = os.fstat(out.fileno()).st_size
             try:
-                answer = _read_log(target, job.id, out.tell())
+                answer = _read_log(target, job.id, offset)
             except CONNECTION_ERRORS as err:
                 sinks.log(f"connection to {job.host} lost ({type(err).__name__}: {err}); "
                           "reconnecting")
                 _reconnect(target, sinks.log)
                 continue
-            _append_log(out, base64.b64decode(answer["data"]), sinks)
+            _append_at(out, offset, base64.b64decode(answer["data"]))
+            _show_new(shown, sinks)
             if answer["done"]:
                 return answer["state"]
+
+
+def _append_at(out: BinaryIO, offset: int, chunk: bytes) -> None:
+    """Append `chunk`, read from `offset`, unless another follower appended meanwhile."""
+    if not chunk:
+        return
+    fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+    try:
+        if os.fstat(out.fileno()).st_size == offset:
+            out.write(chunk)
+            out.flush()
+    finally:
+        fcntl.flock(out.fileno(), fcntl.LOCK_UN)
+
+
+def _show_new(shown: BinaryIO, sinks: Sinks) -> None:
+    chunk = shown.read()
+    if chunk:
+        sinks.output(chunk)
 
 
 def _read_log(target: HostTarget, job_id: str, offset: int) -> dict:
@@ -222,6 +251,10 @@ def _finish(ledger: Ledger, target: HostTarget, job: Job, state: dict,
     job.ended_at = time.time()
     ledger.save(job)
     pull_outputs(ledger, target, job, log)
+    record = ledger.record(job.id)
+    if record is not None:
+        outputs = records.output_digests(Path(job.workspace), job.outputs)
+        ledger.save_record(job.id, records.finish_record(record, job, state, outputs))
 
 
 def pull_outputs(ledger: Ledger, target: HostTarget, job: Job,

@@ -264,3 +264,15 @@ def _bar(progress, total: int, label: str):
                   TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def local_digests(local_dir, *, ignore: bool = True, exclude=()) -> dict[str, str]:
+    """{rel: sha256} of the files a push of local_dir considers (after .cubeignore and
+    `exclude`), links as "link:<target>". Read through the hash cache, so an unchanged tree
+    costs one stat per file. Run records keep it as the cube's content."""
+    local_dir = Path(local_dir)
+    manifest = _keeper(local_dir if ignore else None, None, exclude)(
+        agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=ignore))
+    digests = {rel: entry["sha256"] for rel, entry in manifest["files"].items()}
+    digests.update({rel: f"link:{target}" for rel, target in manifest["links"].items()})
+    return dict(sorted(digests.items()))

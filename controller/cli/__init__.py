@@ -48,6 +48,7 @@ def _register() -> None:
         lab,
         local,
         model,
+        records,
         remote,
         serve,
         ui,  # noqa: F401,PLC0415
