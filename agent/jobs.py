@@ -20,7 +20,9 @@ from .jobstate import (ACTIVE_STATES, DEFAULT_GRACE_S, FINAL_STATES, LAUNCH_WAIT
                        all_states, boot_id, end_if_vanished, existing_job_dir, held_lock,
                        job_dir, load_json, load_state, read_spec, save_json_atomic, spec_tasks,
                        supervisor_alive, try_lock, utc_now, with_log_size)
+from .leases import check_spec
 from .protocol import AgentError, arg, verb
+from .pruning import record_use
 from .supervisor import spawn_supervisor, stop_group
 
 JOB = arg("job", help="job id")
@@ -31,6 +33,7 @@ JOB = arg("job", help="job id")
 @verb("launch")
 def launch(args):
     spec = read_spec(sys.stdin)
+    check_spec(spec)
     path = job_dir(args.root, spec["job_id"])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
@@ -44,6 +47,7 @@ def launch(args):
         os.makedirs(os.path.join(path, folder), exist_ok=True)
     open(os.path.join(path, "output.log"), "ab").close()
     save_json_atomic(os.path.join(path, "state.json"), new_state(spec))
+    record_use(args.root, spec)  # what `prune` keeps: environments and images used lately
     lock_fd = try_lock(os.path.join(path, "supervisor.lock"))  # a fresh folder: always free
     try:
         spawn_supervisor(args.root, spec["job_id"], path, lock_fd)

@@ -16,8 +16,9 @@ import socket
 import subprocess
 
 from . import gpus as gpu_query
+from . import leases
 from .jobstate import ACTIVE_STATES, all_states, boot_id, load_json, save_json_atomic
-from .protocol import AGENT_VERSION, verb
+from .protocol import AGENT_VERSION, arg, verb
 
 PROBE_TIMEOUT_S = 5.0
 PYTHON_NAMES = ["python3"] + ["python3.%d" % minor for minor in range(8, 15)]
@@ -27,7 +28,8 @@ PYTHON_DIRS = ["/usr/bin", "/usr/local/bin", "/opt/homebrew/bin", "/opt/local/bi
 VERSION_SNIPPET = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
 
 
-@verb("probe")
+@verb("probe", arg("--lease-dir", help="the host's lease folder: report its slots and queue"),
+      arg("--slots", type=int, default=1, help="slots of a host without GPUs"))
 def probe(args):
     pythons = start_python_probes(args.root)
     docker = start_command(["docker", "version", "--format", "{{.Server.Version}}"])
@@ -42,7 +44,24 @@ def probe(args):
     result["python"] = finish_python_probes(args.root, pythons)
     result["docker"] = docker_info(docker)
     result.update(gpu_query.finish(gpus))
+    if args.lease_dir:
+        result.update(slots_and_jobs(args.lease_dir, args.slots, result))
     return result
+
+
+def slots_and_jobs(lease_dir, slots, result):
+    """`slots` (one per GPU, else the inventory's) with every user's holders and queue, and
+    `jobs`: those, plus this root's unfinished jobs that hold no lease (older launches)."""
+    gpus = [g["index"] for g in result.get("gpus") or [] if g.get("index") is not None]
+    busy = {g["index"] for g in result.get("gpus") or [] if g.get("busy_pids")}
+    view = leases.slot_view(lease_dir, len(gpus) or max(1, slots), gpus, busy)
+    jobs = [dict(j, state="running") for j in view["holders"]]
+    jobs += [dict(j, state="queued") for j in view["queued"]]
+    listed = {j["job_id"] for j in jobs}
+    owner = leases.owner_name()
+    jobs += [{"job_id": s["job_id"], "name": s.get("name"), "owner": owner,
+              "state": s["state"]} for s in result["running_jobs"] if s["job_id"] not in listed]
+    return {"slots": view, "jobs": jobs}
 
 
 def start_command(argv):

@@ -17,6 +17,7 @@ import subprocess
 import time
 import traceback
 
+from . import leases
 from .jobstate import (DEFAULT_GRACE_S, boot_id, existing_job_dir, load_json, save_json_atomic,
                        spec_tasks, utc_now)
 from .protocol import arg, self_argv, verb
@@ -60,13 +61,20 @@ def supervise(args):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     spec = load_json(os.path.join(path, "spec.json"))
     state = load_json(os.path.join(path, "state.json"))
-    state.update(state="running", pid=os.getpid(), pgid=os.getpgid(0), started_at=utc_now(),
-                 boot_id=boot_id())
-    save_json_atomic(os.path.join(path, "state.json"), state)
+    state.update(pid=os.getpid(), pgid=os.getpgid(0), boot_id=boot_id())
     if os.path.exists(os.path.join(path, "cancel.json")):
         cancel.append(signal.SIGTERM)  # cancelled before we were up
+    lease, refused = None, []
+    if leases.wanted(spec) and not cancel:
+        lease = wait_for_slots(path, spec, state, cancel, refused)
+        if lease is None:  # cancelled while queued, or busy with --no-queue: it never starts
+            end_unstarted(path, state, refused)
+            return None
+    state.update(state="running", started_at=utc_now(),
+                 lease={"slots": lease.slots, "gpus": lease.gpus} if lease else None)
+    save_json_atomic(os.path.join(path, "state.json"), state)
     try:
-        final, code, error = run_tasks(path, spec, state, cancel)
+        final, code, error = run_tasks(path, spec, state, cancel, lease)
     except Exception as err:  # recorded, so the job ends "failed" instead of "lost"
         traceback.print_exc()
         if state.get("task_pgid"):
@@ -74,19 +82,55 @@ def supervise(args):
         final, code, error = "failed", None, "the job's supervisor failed: %r" % err
     state.update(state=final, exit_code=code, error=error, ended_at=utc_now())
     save_json_atomic(os.path.join(path, "state.json"), state)
+    if lease is not None:
+        lease.release()  # the locks would go with this process anyway; the record goes now
     return None
 
 
-def task_env(spec, task=None):
-    """The job's environment, then the task's own; its path_prepend folders first on PATH."""
+def wait_for_slots(path, spec, state, cancel, refused):
+    """The job's place in the host's queue (agent.leases): a Lease once granted, None when
+    cancelled while waiting or, with no_queue, refused because the slots are busy."""
+    def on_wait():
+        if spec.get("no_queue"):
+            refused.append(True)
+            return False
+        state.update(state="queued", queued_at=utc_now())
+        save_json_atomic(os.path.join(path, "state.json"), state)
+        return True
+
+    return leases.acquire(leases.Ticket(spec, os.path.dirname(os.path.dirname(path))),
+                          lambda: bool(cancel), on_wait)
+
+
+def end_unstarted(path, state, refused):
+    if refused:
+        state.update(state="failed", refused=True, ended_at=utc_now(),
+                     error="no free slot on this host and the job may not queue (--no-queue)")
+    else:
+        state.update(state="cancelled", ended_at=utc_now())
+    save_json_atomic(os.path.join(path, "state.json"), state)
+
+
+def task_env(spec, task=None, lease=None):
+    """The job's environment, then the task's own, then its lease's (granted GPUs); its
+    path_prepend folders first on PATH."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so a followed log shows lines as they happen
     env.update(spec.get("env") or {})
     env.update((task or {}).get("env") or {})
+    env.update(lease.env() if lease else {})
     prepend = (task or {}).get("path_prepend") or []
     if prepend:
         env["PATH"] = os.pathsep.join(list(prepend) + [env.get("PATH", "")])
     return env
+
+
+def task_argv(spec, task, lease):
+    """A container task's GPU flags name the granted GPUs (the controller built them before
+    the grant, naming the first ones)."""
+    if lease and lease.gpus and spec.get("container_engine"):
+        return leases.container_gpu_argv(task["argv"], lease.gpus)
+    return task["argv"]
 
 
 def task_cwd(root, path, spec, task):
@@ -99,8 +143,9 @@ def task_cwd(root, path, spec, task):
     return os.path.join(root, os.path.expanduser(cwd))
 
 
-def run_tasks(path, spec, state, cancel):
-    """Run the tasks in order, stopping at the first failure: (final state, exit code, error)."""
+def run_tasks(path, spec, state, cancel, lease=None):
+    """Run the tasks in order, stopping at the first failure: (final state, exit code, error).
+    A leased job's tasks see only its GPUs: in their environment, and in a container's argv."""
     root = os.path.dirname(os.path.dirname(path))
     log_fd = os.open(os.path.join(path, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                      0o644)
@@ -109,8 +154,9 @@ def run_tasks(path, spec, state, cancel):
             if cancel:
                 return "cancelled", None, None
             try:
-                proc = subprocess.Popen(task["argv"], cwd=task_cwd(root, path, spec, task),
-                                        env=task_env(spec, task), stdin=subprocess.DEVNULL,
+                proc = subprocess.Popen(task_argv(spec, task, lease),
+                                        cwd=task_cwd(root, path, spec, task),
+                                        env=task_env(spec, task, lease), stdin=subprocess.DEVNULL,
                                         stdout=log_fd, stderr=subprocess.STDOUT,
                                         start_new_session=True)
             except OSError as err:
