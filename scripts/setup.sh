@@ -39,6 +39,7 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
 fi
 (( full )) && scripts/docker-up.sh
 (( full )) && scripts/browser-up.sh
+(( full )) && scripts/cron-up.sh
 # podman, rootful and rootless (for the tests' rootless user); it needs root
 (( full )) && $( [[ $(id -u) -eq 0 ]] || echo sudo ) scripts/podman-up.sh --user cube-rootless
 echo "setup: ready (.venv/bin/cube $(.venv/bin/cube --version | cut -d' ' -f2))"

@@ -1,7 +1,7 @@
 """The `cube` command: thin parsing and rendering over library functions.
 
-Each concern registers its commands from its own module (model.py, local.py, remote.py, lab.py, serve.py),
-so no file here grows into a 2,000-line main.
+Each concern registers its commands from its own module (model.py, local.py, remote.py, hosts.py,
+records.py, schedule.py, lab.py, serve.py, ui.py), so no file here grows into a 2,000-line main.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ import typer
 
 from controller import __version__
 from controller.errors import CubeError
+
+try:  # typer >= 0.2x parses with its own copy of click, whose usage errors are separate types
+    from typer._click.exceptions import ClickException as _VendoredClickException
+    USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException, _VendoredClickException)
+except ImportError:
+    USAGE_ERRORS = (click.ClickException,)
 
 app = typer.Typer(
     name="cube",
@@ -50,6 +56,7 @@ def _register() -> None:
         model,
         records,
         remote,
+        schedule,
         serve,
         ui,  # noqa: F401,PLC0415
     )
@@ -77,8 +84,6 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except USAGE_ERRORS as err:  # click usage errors arrive here in non-standalone mode
+        err.show()  # type: ignore[attr-defined]  # both types have it
+        sys.exit(err.exit_code)  # type: ignore[attr-defined]
