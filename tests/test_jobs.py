@@ -38,8 +38,11 @@ def test_a_migrated_ledger_takes_new_jobs_and_is_not_migrated_twice(tmp_path):
     with Ledger(path) as ledger:
         ledger.save(Job(id="hello-20261201-000000-ffff", cube="hello", host="lab2",
                         tasks=["greet"], launcher="agent"))
+        assert ledger.record("hello-20261130-000000-ab0c") is None   # no records before v3
+        ledger.save_record("hello-20261201-000000-ffff", {"state": "succeeded"})
     with Ledger(path) as ledger:
         assert len(ledger.list()) == 4 and ledger.get("hello-20261201").host == "lab2"
+        assert ledger.record("hello-20261201-000000-ffff") == {"state": "succeeded"}
 
 
 def test_a_ledger_from_a_newer_cube_is_refused_untouched(tmp_path):
