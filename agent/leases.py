@@ -250,7 +250,7 @@ class Ticket:
         self.record = {"job_id": self.job_id, "owner": owner_name(), "slots": self.demand,
                        "root": root, "name": spec.get("name"),
                        "enqueued_at": time.time()}
-        self.name, self.fd, self.busy = None, None, BusyGpus()
+        self.name, self.fd, self.busy = "", None, BusyGpus()
 
     def enqueue(self):
         ensure_dirs(self.lease_dir)

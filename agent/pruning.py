@@ -124,7 +124,7 @@ def plan_prune(root, older_than):
                             "bytes": tree_bytes(path)})
         else:
             kept_jobs.append(path)
-    in_use = set()
+    in_use: set = set()
     for path in kept_jobs:
         with contextlib.suppress(OSError, ValueError):
             in_use.update((kind, key) for kind, key, _ in

@@ -64,7 +64,8 @@ def supervise(args):
     state.update(pid=os.getpid(), pgid=os.getpgid(0), boot_id=boot_id())
     if os.path.exists(os.path.join(path, "cancel.json")):
         cancel.append(signal.SIGTERM)  # cancelled before we were up
-    lease, refused = None, []
+    lease = None
+    refused: list = []  # wait_for_slots appends when --no-queue refuses a busy host
     if leases.wanted(spec) and not cancel:
         lease = wait_for_slots(path, spec, state, cancel, refused)
         if lease is None:  # cancelled while queued, or busy with --no-queue: it never starts

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from agent.leases import DEFAULT_LEASE_DIR
 from controller.errors import CubeError
 from controller.hosts import HostSpec
 
@@ -78,7 +79,7 @@ def probe_host(spec: HostSpec, timeout: float = DEFAULT_TIMEOUT_S) -> HostReport
         # reason before the caller's deadline calls it a timeout. The same budget is how long
         # the agent may take to greet, so it must not shrink to nothing either.
         conn = connect(spec, connect_timeout=max(1.0, timeout * CONNECT_SHARE))
-        probe = conn.agent("probe", timeout=left())
+        probe = conn.agent("probe", *probe_args(spec), timeout=left())
         if "mem_available_bytes" not in probe or "podman" not in probe:
             probe = {**_extras(conn, left()), **probe}
     except CubeError as err:
@@ -90,6 +91,12 @@ def probe_host(spec: HostSpec, timeout: float = DEFAULT_TIMEOUT_S) -> HostReport
         if conn is not None:
             conn.close()
     return report_from_probe(spec, probe, time.monotonic() - start)
+
+
+def probe_args(spec: HostSpec) -> list[str]:
+    """The probe's arguments for a host: its lease folder and slots, so the agent reports
+    who holds and waits for them (every user's jobs)."""
+    return ["--lease-dir", spec.lease_dir or DEFAULT_LEASE_DIR, "--slots", str(spec.slots or 1)]
 
 
 def _extras(conn, timeout: float) -> dict:

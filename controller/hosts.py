@@ -5,7 +5,8 @@ Inventory format:
 
     hosts:
       gpu1: {hostname: 10.0.0.5, port: 22, user: me, identity_file: ~/.ssh/id_ed25519,
-             root: ~/.cube, labels: [gpu], groups: [nightly], proxy_jump: bastion, slots: 2}
+             root: ~/.cube, labels: [gpu], groups: [nightly], proxy_jump: bastion, slots: 2,
+             lease_dir: /var/tmp/cube-leases}
     groups:                 # optional, as in Ansible: group -> member hosts
       lab: [gpu1]
 
@@ -30,7 +31,7 @@ from controller.errors import ConfigError
 
 DEFAULT_ROOT = "~/.cube"
 FIELDS = ("hostname", "port", "user", "identity_file", "root", "labels", "groups", "proxy_jump",
-          "slots")
+          "slots", "lease_dir")
 TOP_LEVEL = ("hosts", "groups")
 
 
@@ -46,6 +47,7 @@ class HostSpec:
     groups: list[str] = field(default_factory=list)
     proxy_jump: str | None = None
     slots: int | None = None   # job slots when the host has no GPUs (None: the default)
+    lease_dir: str | None = None  # the host-wide lease folder (None: the agent's default)
     # The inventory this spec came from, so a ProxyJump name resolves against the same file.
     inventory: Path | None = field(default=None, repr=False, compare=False)
 
@@ -180,7 +182,7 @@ def _spec_from_entry(path: Path, name: str, entry) -> HostSpec:
         user=text("user") or getpass.getuser(),
         identity_files=[os.path.expanduser(p) for p in strings("identity_file")],
         root=text("root") or DEFAULT_ROOT, labels=strings("labels"), groups=list(strings("groups")),
-        proxy_jump=text("proxy_jump"), slots=slots)
+        proxy_jump=text("proxy_jump"), slots=slots, lease_dir=text("lease_dir"))
 
 
 def update_inventory(set_entries: dict[str, dict], remove: Sequence[str] = (),

@@ -67,6 +67,13 @@ def lab_tag() -> str:
     return hashlib.sha256(str(paths.cube_home().resolve()).encode()).hexdigest()[:6]
 
 
+def lease_dir(name: str) -> str:
+    """A lab host's own lease folder: lab hosts share this machine, so the default
+    /var/tmp/cube-leases would make them one host. Outside CUBE_HOME (a test's temp folder is
+    0700) so that a second account on the host reaches it too."""
+    return f"/var/tmp/cube-lab-{lab_tag()}/{name}"
+
+
 def host_dir(name: str) -> Path:
     return paths.lab_dir() / "hosts" / name
 
@@ -323,7 +330,7 @@ def _write_known_hosts(hosts: list[LabHost], remove: Sequence[str] = ()) -> None
 def _inventory_entry(host: LabHost, slots: int | None) -> dict:
     entry = {"hostname": host.address, "port": host.port, "user": getpass.getuser(),
              "identity_file": str(user_key()), "root": host.root,
-             "labels": [GROUP], "groups": [GROUP]}
+             "labels": [GROUP], "groups": [GROUP], "lease_dir": lease_dir(host.name)}
     if slots is not None:
         entry["slots"] = slots
     return entry
@@ -440,6 +447,11 @@ def _kill(pid: int, sig: int) -> None:
 def _stop_and_forget(host: LabHost) -> None:
     _stop(host)
     _state_file(host.name).unlink(missing_ok=True)
+    shutil.rmtree(lease_dir(host.name), ignore_errors=True)
+    try:
+        os.rmdir(os.path.dirname(lease_dir(host.name)))  # the lab's folder, once empty
+    except OSError:
+        pass
 
 
 def lab_down(selector: str | None = None) -> list[str]:

@@ -17,6 +17,7 @@ import os
 import shlex
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from controller.plan import JobPlan, TaskPlan
@@ -33,18 +34,42 @@ class Launcher(Protocol):
                spec: LaunchSpec) -> dict: ...
 
 
+@dataclass
+class SlotRequest:
+    """What a job asks of its host's slots (agent/leases.py): `slots` of the host's
+    `total_slots`, granted host-wide through `lease_dir`; on a GPU host slot i is GPU
+    `slot_gpus[i]`. With `no_queue` a busy host refuses the job instead of queueing it."""
+    slots: int
+    total_slots: int
+    lease_dir: str
+    slot_gpus: list[int] = field(default_factory=list)
+    no_queue: bool = False
+
+    def spec_fields(self) -> dict:
+        return {"slots": self.slots, "total_slots": self.total_slots,
+                "lease_dir": self.lease_dir, "slot_gpus": self.slot_gpus,
+                "no_queue": self.no_queue}
+
+
 class AgentLauncher:
-    """The host's agent starts the job under a detached supervisor and answers once it runs."""
+    """The host's agent starts the job under a detached supervisor and answers once it runs,
+    or once it waits in the host's queue (state "queued") when it asks for slots."""
+
+    def __init__(self, slots: SlotRequest | None = None):
+        self.slots = slots
 
     def launch(self, target: Target, job_id: str, name: str | None, spec: LaunchSpec) -> dict:
-        payload = json.dumps(spec.agent_spec(job_id, name)).encode()
-        return target.agent("launch", input=payload)
+        agent_spec = spec.agent_spec(job_id, name)
+        agent_spec["env_key"] = spec.env_key  # what `prune` keeps while the job is kept
+        if self.slots is not None:
+            agent_spec.update(self.slots.spec_fields())
+        return target.agent("launch", input=json.dumps(agent_spec).encode())
 
 
-def launcher_for(target: Target) -> Launcher:
-    """The launcher for a host. Today every host's agent starts its jobs directly; the slot
-    queue, multi-host jobs and Slurm are chosen here from the host's inventory entry."""
-    return AgentLauncher()
+def launcher_for(target: Target, slots: SlotRequest | None = None) -> Launcher:
+    """The launcher for a host: its agent, with the job's slot request when it has one (the
+    agent's queue then grants it). Multi-host jobs and Slurm will be chosen here too."""
+    return AgentLauncher(slots)
 
 
 class ForegroundLauncher:

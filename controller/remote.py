@@ -17,16 +17,17 @@ import shlex
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import paramiko
 
 from controller import jobs as ledger_mod
-from controller import paths, records, sync
+from controller import paths, placement, records, sync
 from controller.cube import Cube, load_cube
 from controller.errors import CubeError, HostUnreachable, TaskFailed
+from controller.fleet import probe_args
 from controller.hosts import resolve_host
 from controller.jobs import Job, Ledger
 from controller.launchers import launcher_for
@@ -52,6 +53,10 @@ class RunRequest:
     detach: bool = False
     inventory: Path | None = None
     accept_new_host_key: bool = False
+    gpus: int | None = None       # --gpus N: the accelerator count for this run (and demand)
+    slots: int | None = None      # --slots N: slots the job holds on its host
+    no_queue: bool = False        # fail (exit 2) instead of queueing on a busy host
+    labels: list[str] = field(default_factory=list)  # --label: placement within the selection
 
 
 @dataclass
@@ -66,12 +71,18 @@ class RunResult:
 
 def run(req: RunRequest, sinks: Sinks) -> RunResult:
     """`cube remote run`: plan the job, start it on the host, follow it unless detached."""
+    overrides = [*req.config_overrides, *placement.gpu_overrides(req.gpus)]
     cube = load_cube(req.cube_path, workspace=req.workspace,
-                     config_overrides=req.config_overrides, requested_runtime=req.runtime)
+                     config_overrides=overrides, requested_runtime=req.runtime)
     for warning in cube.warnings:
         sinks.log(f"warning: {warning}")
     plan = plan_job(cube, req.tasks, req.overrides)
     inputs = plan.inputs_to_push()
+    demand = placement.demand_for(cube, req.gpus, req.slots)
+    if placement.is_selection(req.host, req.labels):  # the ledger records the chosen host
+        req = replace(req, host=placement.place(
+            req.host, req.labels, req.inventory, demand, plan.runtime,
+            cube.env.python_version, no_queue=req.no_queue, log=sinks.log))
     with Ledger() as ledger, _connect(req.host, req.inventory, req.accept_new_host_key,
                                       sinks.log) as target:
         if req.name:
@@ -84,7 +95,8 @@ def run(req: RunRequest, sinks: Sinks) -> RunResult:
         sinks.job_started(job.id)
         sinks.log(f"job {job.id}: {', '.join(plan.task_names)} on {req.host} "
                   f"({plan.runtime}: {plan.runtime_reason})")
-        _start(ledger, job, plan, inputs, target, sinks.log, req.config_overrides)
+        _start(ledger, job, plan, inputs, target, sinks.log, overrides,
+               demand=demand, no_queue=req.no_queue)
         if req.detach:
             sinks.log(f"detached; follow with `cube remote attach {job.id}`")
             return RunResult(job.id, job.state, 0)
@@ -92,9 +104,11 @@ def run(req: RunRequest, sinks: Sinks) -> RunResult:
 
 
 def _start(ledger: Ledger, job: Job, plan: JobPlan, inputs: list[str], target: HostTarget,
-           log: Callable[[str], None], config_overrides: list[str]) -> None:
+           log: Callable[[str], None], config_overrides: list[str], *,
+           demand: placement.Demand | None = None, no_queue: bool = False) -> None:
     layout = HostLayout.for_plan(target.root, plan, job.id)
-    probe = _timed(log, "probe", lambda: target.agent("probe"))
+    probe = _timed(log, "probe", lambda: target.agent("probe", *probe_args(target.spec)))
+    slots = placement.slot_request(target.spec, probe, demand, no_queue) if demand else None
     facts = ProbedFacts(probe)
     _sync_up(target, plan.cube, layout, inputs, log)
     start = time.monotonic()
@@ -104,11 +118,18 @@ def _start(ledger: Ledger, job: Job, plan: JobPlan, inputs: list[str], target: H
     record = records.start_record(plan, job, spec, records.host_from_probe(job.host, probe),
                                   config_overrides, target, layout.envs_dir)
     ledger.save_record(job.id, record)
-    state = launcher_for(target).launch(target, job.id, job.name, spec)
+    state = launcher_for(target, slots).launch(target, job.id, job.name, spec)
     job.state = state.get("state", "running")
     job.started_at = time.time()
     ledger.save(job)
-    if job.state not in ("pending", "queued", "running"):
+    if state.get("refused"):
+        raise CubeError(f"Host {job.host} has no free slot for job {job.id} and --no-queue "
+                        f"was given ({state.get('error')}).",
+                        "Drop --no-queue to wait in the host's queue, or try another host.")
+    if job.state == "queued":
+        log(f"job {job.id} is queued on {job.host}: it starts when {slots.slots if slots else 1}"
+            " slot(s) free up (`cube hosts` shows the queue)")
+    elif job.state not in ("pending", "running"):
         log(f"job {job.id} did not start: {state}")
 
 

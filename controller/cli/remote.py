@@ -10,6 +10,7 @@ from typing import Callable, List, Optional
 
 import typer
 
+from controller import prune as prune_mod
 from controller import remote
 from controller.cli import app
 from controller.jobs import Ledger
@@ -38,7 +39,8 @@ _CTRL_C: dict[str, str] = {}
 @remote_app.command("run")
 def run_cmd(
     cube: Path = typer.Argument(..., help="Cube directory (holds mlcube.yaml)."),
-    host: str = typer.Option(..., "--host", "-H", help="Inventory name or ~/.ssh/config host."),
+    host: str = typer.Option(..., "--host", "-H", help="Inventory name or ~/.ssh/config host; "
+                             "a comma list or @group picks the host where the job starts soonest."),
     task: str = typer.Option(..., "--task", "-t", help="Task or comma-separated tasks, in order."),
     params: Optional[List[str]] = typer.Argument(None, help="Parameter overrides NAME=PATH."),
     config: Optional[List[str]] = typer.Option(None, "-P", help="Config override, e.g. docker.image=x."),
@@ -50,12 +52,21 @@ def run_cmd(
     inventory: Optional[Path] = typer.Option(None, "--inventory", help="Inventory YAML file."),
     accept_new: bool = typer.Option(False, "--accept-new-host-key",
                                     help="Trust and store an unknown host key (never a changed one)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs the job uses (default: "
+                                       "mlcube.yaml's platform.accelerator_count)."),
+    slots: Optional[int] = typer.Option(None, "--slots", help="Slots the job holds on its host "
+                                        "(default: its GPUs, at least 1)."),
+    no_queue: bool = typer.Option(False, "--no-queue",
+                                  help="Fail (exit 2) instead of queueing when the host is busy."),
+    label: Optional[List[str]] = typer.Option(None, "--label", "-l",
+                                              help="Place only on hosts with this label (repeatable)."),
 ) -> None:
     """Sync the cube to HOST, provision its runtime, run the task(s), stream logs, pull outputs."""
     req = remote.RunRequest(
         cube_path=cube, host=host, tasks=task, overrides=parse_param_overrides(params or []),
         config_overrides=list(config or []), workspace=workspace, runtime=runtime, name=name,
-        detach=detach, inventory=inventory, accept_new_host_key=accept_new)
+        detach=detach, inventory=inventory, accept_new_host_key=accept_new, gpus=gpus,
+        slots=slots, no_queue=no_queue, labels=list(label or []))
 
     def start() -> int:
         result = remote.run(req, _sinks())
@@ -143,3 +154,38 @@ def shell_cmd(job: str) -> None:
     """An interactive shell on the job's host, in its directory, with its environment active."""
     argv = remote.shell_argv(job)
     os.execvp(argv[0], argv)
+
+
+@remote_app.command("prune")
+def prune_cmd(
+    host: Optional[str] = typer.Option(None, "--host", "-H", help="Host, comma list or @group "
+                                       "(default: every inventory host)."),
+    label: Optional[List[str]] = typer.Option(None, "--label", "-l",
+                                              help="Only hosts with this label (repeatable)."),
+    older_than: str = typer.Option(prune_mod.DEFAULT_OLDER_THAN, "--older-than",
+                                   help="Keep what was used or finished more recently (90s, 12h, 14d)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would go; remove nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    inventory: Optional[Path] = typer.Option(None, "--inventory", help="Inventory YAML file."),
+) -> None:
+    """Remove finished jobs, unused environments, images and cube copies from hosts."""
+    results = prune_mod.prune(host, list(label or []), inventory,
+                              prune_mod.parse_age(older_than), dry_run)
+    if as_json:
+        typer.echo(json.dumps({"dry_run": dry_run, "hosts": [r.to_dict() for r in results]},
+                              indent=1))
+        return
+    verb = "would free" if dry_run else "freed"
+    for r in results:
+        if not r.reachable:
+            typer.echo(f"{r.host}: unreachable: {r.error}", err=True)
+            continue
+        for item in r.removed:
+            failed = f"  (failed: {item['error']})" if item.get("error") else ""
+            typer.echo(f"{r.host}: {item['kind']:5} {_mib(item['bytes']):>10}  "
+                       f"{prune_mod.item_name(item)}{failed}")
+        typer.echo(f"{r.host}: {verb} {_mib(r.bytes)} ({len(r.removed)} item(s))")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
