@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from . import jobs, probe, pruning, session, supervisor, sync  # noqa: F401 (they register the verbs)
+from . import jobs, probe, pruning, session, slurm, supervisor, sync  # noqa: F401 (they register the verbs)
 from .protocol import main
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import time
 
 from .jobstate import (ACTIVE_STATES, DEFAULT_GRACE_S, FINAL_STATES, LAUNCH_WAIT_S, STATE_VERSION,
                        all_states, boot_id, end_if_vanished, existing_job_dir, held_lock,
-                       job_dir, load_json, load_state, read_spec, save_json_atomic, spec_tasks,
-                       supervisor_alive, try_lock, utc_now, with_log_size)
+                       job_dir, load_json, load_state, read_spec, save_json_atomic, scheduler_of,
+                       spec_tasks, supervisor_alive, try_lock, utc_now, with_log_size)
 from .leases import check_spec
 from .protocol import AgentError, arg, verb
 from .pruning import record_use
@@ -166,6 +166,8 @@ def cancel(args):
     path = existing_job_dir(args.root, args.job)
     if load_state(path)["state"] in ("succeeded", "failed", "cancelled"):
         return load_state(path)
+    if scheduler_of(path) is not None:  # Slurm runs it: Slurm stops it (scancel)
+        return scheduler_of(path).cancel(path, args.grace)
     # The request goes first: a supervisor not yet up finds it; one already up has its pid read.
     save_json_atomic(os.path.join(path, "cancel.json"), {"grace": args.grace,
                                                           "requested_at": utc_now()})

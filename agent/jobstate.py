@@ -134,9 +134,23 @@ def with_log_size(path, state):
     return state
 
 
+# Jobs another scheduler runs are judged and cancelled by it, not by our locks (agent.slurm
+# registers itself): {marker file in the job folder: object with judge(path, state), cancel(path,
+# grace)}.
+SCHEDULERS: dict = {}
+
+
+def scheduler_of(path):
+    return next((s for marker, s in SCHEDULERS.items()
+                 if os.path.exists(os.path.join(path, marker))), None)
+
+
 def load_state(path):
     """state.json; an unfinished job whose supervisor is gone is reported, and persisted, as lost."""
     state = load_json(os.path.join(path, "state.json"))
+    scheduler = scheduler_of(path)
+    if scheduler is not None:
+        return with_log_size(path, scheduler.judge(path, state))
     if state["state"] in ACTIVE_STATES:
         state = end_if_vanished(path, "lost")
     return with_log_size(path, state)

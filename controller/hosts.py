@@ -26,12 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from controller import paths
+from controller import paths, slurm
 from controller.errors import ConfigError
 
 DEFAULT_ROOT = "~/.cube"
 FIELDS = ("hostname", "port", "user", "identity_file", "root", "labels", "groups", "proxy_jump",
-          "slots", "lease_dir")
+          "slots", "lease_dir", *slurm.FIELDS)
 TOP_LEVEL = ("hosts", "groups")
 
 
@@ -48,6 +48,7 @@ class HostSpec:
     proxy_jump: str | None = None
     slots: int | None = None   # job slots when the host has no GPUs (None: the default)
     lease_dir: str | None = None  # the host-wide lease folder (None: the agent's default)
+    slurm: slurm.SlurmSettings | None = None   # `scheduler: slurm`: a login node (controller.slurm)
     # The inventory this spec came from, so a ProxyJump name resolves against the same file.
     inventory: Path | None = field(default=None, repr=False, compare=False)
 
@@ -177,12 +178,15 @@ def _spec_from_entry(path: Path, name: str, entry) -> HostSpec:
         raise ConfigError(path, f"'slots' of host '{name}' must be a whole number >= 1, not "
                           f"{slots!r}.", "How many jobs may run on it at once, e.g. slots: 2.",
                           field=f"{where}.slots")
+    cluster = slurm.parse_settings(path, name, entry)
+    # A Slurm host keeps everything (agent, envs, cubes, jobs) where the compute nodes see it.
+    root = (cluster.shared_root if cluster else None) or text("root") or DEFAULT_ROOT
     return HostSpec(
         name=name, hostname=text("hostname") or name, port=port,
         user=text("user") or getpass.getuser(),
         identity_files=[os.path.expanduser(p) for p in strings("identity_file")],
-        root=text("root") or DEFAULT_ROOT, labels=strings("labels"), groups=list(strings("groups")),
-        proxy_jump=text("proxy_jump"), slots=slots, lease_dir=text("lease_dir"))
+        root=root, labels=strings("labels"), groups=list(strings("groups")),
+        proxy_jump=text("proxy_jump"), slots=slots, lease_dir=text("lease_dir"), slurm=cluster)
 
 
 def update_inventory(set_entries: dict[str, dict], remove: Sequence[str] = (),

@@ -19,7 +19,7 @@ from pathlib import Path
 from controller import paths
 from controller.errors import CubeError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 FINAL_STATES = {"succeeded", "failed", "cancelled", "lost"}
 
 # Parameter or variable names whose values must never be stored.
@@ -30,7 +30,7 @@ _COLUMNS = """
     tasks TEXT, params TEXT, env_hash TEXT, runtime TEXT, state TEXT, created_at REAL,
     started_at REAL, ended_at REAL, exit_code INTEGER, remote_dir TEXT, workspace TEXT,
     outputs TEXT, outputs_pulled INTEGER DEFAULT 0, log_path TEXT, inventory TEXT,
-    launcher TEXT DEFAULT 'agent'
+    launcher TEXT DEFAULT 'agent', slurm_job_id TEXT, reason TEXT
 """
 
 # Each entry upgrades the schema from the version before it to its own; a ledger is migrated
@@ -38,6 +38,7 @@ _COLUMNS = """
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE jobs ADD COLUMN launcher TEXT DEFAULT 'agent'"],
     3: ["CREATE TABLE records (job_id TEXT PRIMARY KEY, record TEXT NOT NULL)"],
+    4: ["ALTER TABLE jobs ADD COLUMN slurm_job_id TEXT", "ALTER TABLE jobs ADD COLUMN reason TEXT"],
 }
 
 
@@ -65,6 +66,8 @@ class Job:
     log_path: str = ""
     inventory: str = ""  # --inventory the job was started with, to reach its host again
     launcher: str = "agent"  # what started it (controller.launchers)
+    slurm_job_id: str | None = None  # a Slurm host's job id (controller.slurm)
+    reason: str | None = None  # why it waits or ended so: Slurm's reason, the agent's error
 
     @property
     def finished(self) -> bool:

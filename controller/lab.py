@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from controller import paths
+from controller import lab_slurm, paths
 from controller.errors import CubeError
 from controller.hosts import (
     atomic_write,
@@ -252,7 +252,7 @@ MaxStartups 100
 MaxSessions 100
 Subsystem sftp internal-sftp
 LogLevel INFO
-"""
+""" + lab_slurm.sshd_lines(d)
     cfg = d / "sshd_config"
     atomic_write(cfg, text)
     return cfg
@@ -333,6 +333,8 @@ def _inventory_entry(host: LabHost, slots: int | None) -> dict:
              "labels": [GROUP], "groups": [GROUP], "lease_dir": lease_dir(host.name)}
     if slots is not None:
         entry["slots"] = slots
+    if lab_slurm.configured(host.dir):
+        entry["scheduler"] = "slurm"
     return entry
 
 
@@ -345,9 +347,11 @@ def _ensure_up(index: int, netns_mode: bool) -> LabHost:
     return _start_host(index, netns_mode)
 
 
-def lab_up(n: int = 1, netns: bool | None = None, slots: int | None = None) -> list[LabHost]:
+def lab_up(n: int = 1, netns: bool | None = None, slots: int | None = None,
+           slurm: bool = False, slurm_cpus: int | None = None) -> list[LabHost]:
     """Start lab1..labN (running ones are kept) side by side, write inventory entries (group
-    `lab`; `slots: N` when given, else each host keeps the slots it had) and known_hosts."""
+    `lab`; `slots: N` when given, else each host keeps the slots it had) and known_hosts.
+    `slurm`: lab1 is also a one-node Slurm cluster (controller.lab_slurm)."""
     if not 1 <= n <= MAX_HOSTS:
         raise CubeError(f"--hosts must be at least 1 and at most {MAX_HOSTS}, not {n}.",
                         "Use e.g. `cube lab up --hosts 2`.")
@@ -358,6 +362,11 @@ def lab_up(n: int = 1, netns: bool | None = None, slots: int | None = None) -> l
         raise CubeError(f"{SSHD} is not installed, so no lab host can start.",
                         "Install it: apt-get install openssh-server.")
     netns_mode = use_netns() if netns is None else netns
+    if slurm:  # before sshd starts: it hands SLURM_CONF to its sessions once the config exists
+        lab_slurm.setup(host_dir("lab1"), "lab1", slurm_cpus, netns_mode)
+        current = _status_of("lab1")
+        if current and current.up and not lab_slurm.sshd_ready(host_dir("lab1")):
+            _stop(current)
     _ensure_user_key()
     # sshd start-up is mostly waiting (key generation, the listener coming up): start them all
     # at once; namespace setup still takes the global lock one host at a time.
@@ -371,6 +380,8 @@ def lab_up(n: int = 1, netns: bool | None = None, slots: int | None = None) -> l
     if any(h.mode == "netns" for h in hosts):
         _allow_forwarding()
     _write_known_hosts(hosts)
+    for h in hosts:
+        lab_slurm.start_if_configured(h.dir, h.name, h.netns)
     known = load_inventory()
     update_inventory({h.name: _inventory_entry(h, slots if slots is not None else
                                                getattr(known.get(h.name), "slots", None))

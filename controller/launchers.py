@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from controller import slurm
 from controller.plan import JobPlan, TaskPlan
 from controller.runner import run_process, task_log_path
 from controller.runtimes.base import LaunchSpec, TaskLaunch
@@ -69,6 +70,9 @@ class AgentLauncher:
 def launcher_for(target: Target, slots: SlotRequest | None = None) -> Launcher:
     """The launcher for a host: its agent, with the job's slot request when it has one (the
     agent's queue then grants it). Multi-host jobs and Slurm will be chosen here too."""
+    on_slurm = slurm.launcher_for(target)
+    if on_slurm is not None:  # a Slurm login node: Slurm places the job, not the host's slots
+        return on_slurm
     return AgentLauncher(slots)
 
 

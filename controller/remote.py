@@ -24,7 +24,7 @@ from typing import BinaryIO, TypeVar
 import paramiko
 
 from controller import jobs as ledger_mod
-from controller import paths, placement, records, sync
+from controller import paths, placement, records, slurm, sync
 from controller.cube import Cube, load_cube
 from controller.errors import CubeError, HostUnreachable, TaskFailed
 from controller.fleet import probe_args
@@ -57,6 +57,8 @@ class RunRequest:
     slots: int | None = None      # --slots N: slots the job holds on its host
     no_queue: bool = False        # fail (exit 2) instead of queueing on a busy host
     labels: list[str] = field(default_factory=list)  # --label: placement within the selection
+    partition: str | None = None  # Slurm hosts: --partition and --time for this run
+    time: str | None = None
 
 
 @dataclass
@@ -85,6 +87,8 @@ def run(req: RunRequest, sinks: Sinks) -> RunResult:
             cube.env.python_version, no_queue=req.no_queue, log=sinks.log))
     with Ledger() as ledger, _connect(req.host, req.inventory, req.accept_new_host_key,
                                       sinks.log) as target:
+        # A Slurm login node is checked before the agent writes anything under its root.
+        slurm.prepare_run(target, req.partition, req.time, cube)
         if req.name:
             running = _running_job_named(target, req.name)
             if running:
@@ -120,13 +124,17 @@ def _start(ledger: Ledger, job: Job, plan: JobPlan, inputs: list[str], target: H
     ledger.save_record(job.id, record)
     state = launcher_for(target, slots).launch(target, job.id, job.name, spec)
     job.state = state.get("state", "running")
+    job.slurm_job_id = state.get("slurm_job_id")
+    job.launcher = "slurm" if job.slurm_job_id else job.launcher
     job.started_at = time.time()
     ledger.save(job)
     if state.get("refused"):
         raise CubeError(f"Host {job.host} has no free slot for job {job.id} and --no-queue "
                         f"was given ({state.get('error')}).",
                         "Drop --no-queue to wait in the host's queue, or try another host.")
-    if job.state == "queued":
+    if job.slurm_job_id:
+        log(f"job {job.id} submitted to Slurm on {job.host} as job {job.slurm_job_id}")
+    elif job.state == "queued":
         log(f"job {job.id} is queued on {job.host}: it starts when {slots.slots if slots else 1}"
             " slot(s) free up (`cube hosts` shows the queue)")
     elif job.state not in ("pending", "running"):
@@ -211,6 +219,7 @@ def _follow(target: HostTarget, job: Job, sinks: Sinks) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as out, open(path, "rb") as shown:
         shown.seek(0, os.SEEK_END)
+        seen = None
         while True:
             offset = os.fstat(out.fileno()).st_size
             try:
@@ -222,6 +231,7 @@ def _follow(target: HostTarget, job: Job, sinks: Sinks) -> dict:
                 continue
             _append_at(out, offset, base64.b64decode(answer["data"]))
             _show_new(shown, sinks)
+            seen = slurm.note_state(answer["state"], seen, sinks.log)
             if answer["done"]:
                 return answer["state"]
 
@@ -269,6 +279,7 @@ def _finish(ledger: Ledger, target: HostTarget, job: Job, state: dict,
             log: Callable[[str], None]) -> None:
     job.state = state.get("state", job.state)
     job.exit_code = state.get("exit_code")
+    job.reason = state.get("error") or state.get("reason")
     job.ended_at = time.time()
     ledger.save(job)
     pull_outputs(ledger, target, job, log)
@@ -329,6 +340,7 @@ def status(ref: str) -> dict:
             state = target.agent("status", job.id)
         if state.get("state") != job.state and not job.finished:
             job.state, job.exit_code = state.get("state"), state.get("exit_code")
+            job.reason = state.get("error") or state.get("reason")
             ledger.save(job)
     return {"job": job.id, "host": job.host, **state}
 
@@ -339,6 +351,7 @@ def cancel(ref: str, grace: float, log: Callable[[str], None]) -> dict:
         with connect_for(job, log) as target:
             state = target.agent("cancel", job.id, "--grace", str(grace))
         job.state, job.exit_code = state.get("state", job.state), state.get("exit_code")
+        job.reason = state.get("error") or state.get("reason")
         ledger.save(job)
     return state
 

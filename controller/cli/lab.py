@@ -24,9 +24,13 @@ def up(hosts: int = typer.Option(1, "--hosts", "-n", help="How many hosts (lab1.
        netns: Optional[bool] = typer.Option(
            None, "--netns/--no-netns",
            help="Own network namespace per host (default: when root) or sshd on 127.0.0.1."),
+       slurm: bool = typer.Option(False, "--slurm", help="lab1 is also a one-node Slurm cluster "
+                                  "(munge, slurmctld, slurmd; inventory `scheduler: slurm`)."),
+       slurm_cpus: Optional[int] = typer.Option(None, "--slurm-cpus",
+                                                help="CPUs of the Slurm node (default: all)."),
        ) -> None:
     """Start lab hosts (running ones are kept) and add them to the inventory, group @lab."""
-    started = lab.lab_up(hosts, netns=netns, slots=slots)
+    started = lab.lab_up(hosts, netns=netns, slots=slots, slurm=slurm, slurm_cpus=slurm_cpus)
     for h in started:
         typer.echo(f"{h.name}: {h.address}:{h.port} ({h.mode}) root {h.root}")
     typer.echo(f"Inventory: {paths.inventory_file()}  known hosts: {paths.known_hosts_file()}")

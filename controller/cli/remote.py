@@ -60,13 +60,18 @@ def run_cmd(
                                   help="Fail (exit 2) instead of queueing when the host is busy."),
     label: Optional[List[str]] = typer.Option(None, "--label", "-l",
                                               help="Place only on hosts with this label (repeatable)."),
+    partition: Optional[str] = typer.Option(None, "--partition",
+                                            help="Slurm hosts: the partition for this run."),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm hosts: the time limit "
+                                             "for this run (minutes, or HH:MM:SS)."),
 ) -> None:
     """Sync the cube to HOST, provision its runtime, run the task(s), stream logs, pull outputs."""
     req = remote.RunRequest(
         cube_path=cube, host=host, tasks=task, overrides=parse_param_overrides(params or []),
         config_overrides=list(config or []), workspace=workspace, runtime=runtime, name=name,
         detach=detach, inventory=inventory, accept_new_host_key=accept_new, gpus=gpus,
-        slots=slots, no_queue=no_queue, labels=list(label or []))
+        slots=slots, no_queue=no_queue, labels=list(label or []), partition=partition,
+        time=time_limit)
 
     def start() -> int:
         result = remote.run(req, _sinks())
@@ -114,7 +119,8 @@ def status_cmd(job: Optional[str] = typer.Argument(None),
     if as_json:
         typer.echo(json.dumps(state, indent=2))
         return
-    for key in ("job", "host", "state", "exit_code", "task", "started_at", "ended_at"):
+    for key in ("job", "host", "state", "reason", "exit_code", "task", "started_at", "ended_at",
+                "error", "slurm_job_id", "slurm_state", "requeues"):
         if state.get(key) is not None:
             typer.echo(f"{key:10} {state[key]}")
 
