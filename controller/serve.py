@@ -37,7 +37,7 @@ class BadInput(ValueError):
 # ------------------------------------------------------------------------- model loading
 
 def _require_serving_stack() -> None:
-    from importlib.util import find_spec
+    from importlib.util import find_spec  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     # (import names, pip name); python-multipart was importable as `multipart` before 0.0.13.
     needed = [(("tensorflow",), "tensorflow-cpu"), (("fastapi",), "fastapi"),
@@ -56,7 +56,7 @@ def load_model(model_dir: Path):
                         "Pass the model_dir a train task wrote (it holds model.keras), e.g. "
                         "cubes/mnist/workspace/model.")
     _require_serving_stack()
-    import keras
+    import keras  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     try:
         # compile=False: no optimizer or learning-rate schedule is needed to predict.
@@ -72,8 +72,8 @@ def load_model(model_dir: Path):
 
 def predict(model, pixels) -> dict:
     """28x28 uint8 (white on black) -> {"digit", "probabilities"}."""
-    import numpy as np
-    import tensorflow as tf
+    import numpy as np  # noqa: PLC0415 (see the module doc: loaded only when serving)
+    import tensorflow as tf  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     x = np.asarray(pixels, dtype="float32").reshape(1, 28, 28, 1) / 255.0
     probs = tf.nn.softmax(model(x, training=False)).numpy()[0]
@@ -83,7 +83,7 @@ def predict(model, pixels) -> dict:
 # -------------------------------------------------------------------- inputs -> 28x28 uint8
 
 def pixels_from_json(body: bytes):
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     try:
         data = json.loads(body)
@@ -106,8 +106,8 @@ def pixels_from_json(body: bytes):
 
 
 def pixels_from_image(data: bytes, name: str = "upload"):
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    import numpy as np  # noqa: PLC0415 (see the module doc: loaded only when serving)
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     if not data:
         raise BadInput(f"The uploaded file '{name}' is empty.")
@@ -122,7 +122,7 @@ def pixels_from_image(data: bytes, name: str = "upload"):
 def to_mnist(gray):
     """Same steps as the cube's infer task: invert a light background; a 28x28 image stays as
     it is; any other size is cropped to the ink, fit in 20x20 and centred by mass in 28x28."""
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if float(np.median(border)) > 127:
@@ -133,7 +133,7 @@ def to_mnist(gray):
 
 
 def _crop_to_ink(gray):
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     rows, cols = np.nonzero(gray > 0.1 * max(float(gray.max()), 1.0))
     if len(rows) == 0:
@@ -142,8 +142,8 @@ def _crop_to_ink(gray):
 
 
 def _fit_20(gray):
-    import numpy as np
-    from PIL import Image
+    import numpy as np  # noqa: PLC0415 (see the module doc: loaded only when serving)
+    from PIL import Image  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     h, w = gray.shape
     scale = 20.0 / max(h, w)
@@ -153,7 +153,7 @@ def _fit_20(gray):
 
 
 def _center(digit):
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     h, w = digit.shape
     total = float(digit.sum())
@@ -213,8 +213,8 @@ async def _pixels_from_form(request):
 def create_app(model_dir: Path):
     """The FastAPI app serving the model in model_dir (loaded once, here)."""
     model = load_model(Path(model_dir))
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi import FastAPI, Request  # noqa: PLC0415 (see the module doc: loaded only when serving)
+    from fastapi.responses import JSONResponse  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     app = FastAPI(title="cube serve: MNIST digits", version="1")
 
@@ -235,12 +235,12 @@ def create_app(model_dir: Path):
 
 def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Loopback only: off loopback a token is needed, which `cube serve --token` adds."""
-    from controller.ui.auth import is_loopback
+    from controller.ui.auth import is_loopback  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     if not is_loopback(host):
         raise CubeError(f"Refusing to serve on {host} without a token.",
                         "Use `cube serve --host ADDR` (it sets a token), or bind 127.0.0.1.")
     app = create_app(model_dir)
-    import uvicorn
+    import uvicorn  # noqa: PLC0415 (see the module doc: loaded only when serving)
 
     uvicorn.run(app, host=host, port=port, log_level="info")
