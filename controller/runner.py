@@ -11,9 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from controller.cube import Cube, Param
 from controller.errors import CubeError
 
 CHUNK = 65536
@@ -21,7 +23,7 @@ LINGER_S = 1.0  # how long a finished task's leftovers may keep writing
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 
 
-def task_log_path(cube, params, task: str) -> Path:
+def task_log_path(cube: Cube, params: Sequence[Param], task: str) -> Path:
     """`<log_dir>/cube-<task>-<UTC time>.log` when the task has a `log_dir` output, else
     `<workspace>/logs/`; an existing name (same second) gets a numeric suffix. `params` are
     the task's parameters with the run's overrides applied (controller.plan.TaskPlan)."""

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import pathspec
 
+from controller.cube import Cube
 from controller.errors import ConfigError, CubeError
 from controller.provision import StepFailed, run_playbook
 from controller.streams import Stream
@@ -114,7 +115,7 @@ def names_registry(image: str) -> bool:
     return bool(sep) and ("." in first or ":" in first or first == "localhost")
 
 
-def build_strategy(cube, requested: str | None = None) -> tuple[str, str]:
+def build_strategy(cube: Cube, requested: str | None = None) -> tuple[str, str]:
     """(strategy, why): --build-strategy > mlcube.yaml docker.build_strategy > pull when the
     image names a registry > auto when the cube has a Dockerfile > pull (Docker Hub)."""
     declared = requested or cube.docker.get("build_strategy")
@@ -132,7 +133,7 @@ def build_strategy(cube, requested: str | None = None) -> tuple[str, str]:
     return "pull", "the cube has no Dockerfile"
 
 
-def image_name(cube) -> str:
+def image_name(cube: Cube) -> str:
     image = cube.docker.get("image")
     if not isinstance(image, str) or not image:
         raise ConfigError(cube.mlcube_file, "needs the image name for the docker runtime.",
@@ -140,16 +141,16 @@ def image_name(cube) -> str:
     return image
 
 
-def build_context(cube) -> Path:
+def build_context(cube: Cube) -> Path:
     return cube.root / str(cube.docker.get("build_context") or ".")
 
 
-def dockerfile_path(cube) -> Path | None:
+def dockerfile_path(cube: Cube) -> Path | None:
     path = build_context(cube) / str(cube.docker.get("build_file") or "Dockerfile")
     return path if path.is_file() else None
 
 
-def context_hash(cube) -> str:
+def context_hash(cube: Cube) -> str:
     """sha256 (16 hex) of the build context as `docker build` would send it: every file not
     excluded by .dockerignore (nor in the workspace, whose outputs change on every run), plus
     the Dockerfile. Stored as the image's `cube.context` label, it says whether a rebuild is due."""
@@ -162,7 +163,7 @@ def context_hash(cube) -> str:
     return digest.hexdigest()[:16]
 
 
-def _context_files(cube, context: Path) -> set[Path]:
+def _context_files(cube: Cube, context: Path) -> set[Path]:
     ignore_file = context / ".dockerignore"
     lines = ignore_file.read_text().splitlines() if ignore_file.is_file() else []
     spec = pathspec.GitIgnoreSpec.from_lines(lines)
@@ -175,7 +176,7 @@ def _context_files(cube, context: Path) -> set[Path]:
 
 # ---- getting the image onto an engine --------------------------------------------------------
 
-def ensure_image(ex: Executor, cube, log: Log, *, strategy: str | None = None,
+def ensure_image(ex: Executor, cube: Cube, log: Log, *, strategy: str | None = None,
                  context_dir: str | None = None, where: str = "this machine",
                  engine: str = "docker") -> str:
     """Make the cube's image present on the executor's engine by `pull`, `build` or `auto`
@@ -208,7 +209,7 @@ def ensure_image(ex: Executor, cube, log: Log, *, strategy: str | None = None,
     return found
 
 
-def image_plan(ex: Executor, cube, strategy: str, why: str, where: str,
+def image_plan(ex: Executor, cube: Cube, strategy: str, why: str, where: str,
                engine: str = "docker") -> str:
     """What ensure_image/ship would do, said without building, pulling or sending anything."""
     image = image_name(cube)
@@ -217,7 +218,7 @@ def image_plan(ex: Executor, cube, strategy: str, why: str, where: str,
     return f"image {image}: strategy {strategy} ({why}); {state} on {where}"
 
 
-def _build_file(cube) -> str:
+def _build_file(cube: Cube) -> str:
     return str(cube.docker.get("build_file") or "Dockerfile")
 
 
@@ -231,7 +232,7 @@ def _report(steps, found: str | None, log: Log) -> None:
             log(f"pulled image {short(found)}")
 
 
-def _translate(err: StepFailed, cube, image: str, where: str, engine: str) -> CubeError:
+def _translate(err: StepFailed, cube: Cube, image: str, where: str, engine: str) -> CubeError:
     if err.step == "engine reachable":
         return engine_error(err.result, where, engine)
     tail = _tail(err.result.output, TAIL_LINES)
@@ -246,7 +247,7 @@ def _translate(err: StepFailed, cube, image: str, where: str, engine: str) -> Cu
                      "over SSH) under 'docker:' in mlcube.yaml.")
 
 
-def _no_dockerfile(cube) -> ConfigError:
+def _no_dockerfile(cube: Cube) -> ConfigError:
     return ConfigError(cube.mlcube_file, f"sets build_strategy 'build', but there is no "
                        f"{_build_file(cube)} in {build_context(cube)}.",
                        "Add the Dockerfile, fix docker.build_context / docker.build_file, or "
@@ -325,7 +326,7 @@ def _finish(stream: Stream) -> ExecResult:
         stream.close()
 
 
-def ensure_ship_image(cube, local: Executor, remote: StreamTarget, log: Log,
+def ensure_ship_image(cube: Cube, local: Executor, remote: StreamTarget, log: Log,
                       where: str = "the host", engine: str = "docker") -> str:
     """The `ship` strategy: the image on the controller (auto: present, else built or
     pulled here), then sent to the host's engine."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.cube import Param
+from controller.cube import Cube, Param
 from controller.entrypoint import is_python
 from controller.errors import CubeError
 from controller.paths import envs_dir
@@ -156,14 +156,14 @@ class PythonRuntime:
                           mkdirs=output_dirs(plan, layout))
 
 
-def env_hash_for(cube, interpreter: Interpreter) -> str:
+def env_hash_for(cube: Cube, interpreter: Interpreter) -> str:
     """The env hash is keyed on the interpreter actually used (major.minor), on this machine
     and on hosts alike: a venv is bound to the interpreter that built it, so a cube declaring
     "3" or nothing gets one env per Python it really runs on, never a 3.10 venv reused by 3.11."""
     return cube.env.env_hash(".".join(interpreter.version.split(".")[:2]))
 
 
-def provision_env(cube, target: Target, layout: JobLayout, facts: HostFacts, log: Log, *,
+def provision_env(cube: Cube, target: Target, layout: JobLayout, facts: HostFacts, log: Log, *,
                   dry_run: bool = False) -> str:
     """The cube's venv on the target, built once, then the cube's own playbooks (metadata.yaml
     `playbooks:`, whose checks keep reruns cheap). A complete env has its marker (written just
@@ -212,13 +212,13 @@ def _discard(target: Target, env_dir: str) -> None:
     target.sh(f"mv {q} {doomed} && rm -rf {doomed}", timeout=600)
 
 
-def ensure_local_env(cube, log: Log, *, plan: bool = False) -> Path:
+def ensure_local_env(cube: Cube, log: Log, *, plan: bool = False) -> Path:
     """The cube's venv on this machine (what `cube run` provisions), for tools and benches."""
     layout = LocalLayout(cube.root, envs_dir())
     return Path(provision_env(cube, LocalTarget(), layout, LocalFacts(), log, dry_run=plan))
 
 
-def local_env_dir(cube) -> Path:
+def local_env_dir(cube: Cube) -> Path:
     """Where this machine's venv for the cube is (or would be)."""
     interpreter = pick_interpreter(cube.env.python_version, local_interpreters())
     return envs_dir() / env_hash_for(cube, interpreter)
@@ -237,12 +237,12 @@ def _remember(candidates: Iterable, seen: list) -> Iterator[Interpreter]:
         yield interp
 
 
-def workspace_on_target(cube, layout: JobLayout) -> str:
+def workspace_on_target(cube: Cube, layout: JobLayout) -> str:
     """Where the cube's workspace (its inputs) is on the target, for user playbooks."""
     return getattr(layout, "inputs_dir", None) or str(cube.workspace)
 
 
-def python_task_argv(cube, task: TaskPlan, env_dir: str | Path,
+def python_task_argv(cube: Cube, task: TaskPlan, env_dir: str | Path,
                      path_for: Callable[[Param], str]) -> list[str]:
     """task_argv with its interpreter (python, python3, python3.X) replaced by the venv's."""
     argv = task_argv(cube, task.name, task.params, path_for=path_for)
