@@ -17,7 +17,7 @@ import subprocess
 import time
 import traceback
 
-from . import leases
+from . import after, leases
 from .jobstate import (DEFAULT_GRACE_S, boot_id, existing_job_dir, load_json, save_json_atomic,
                        spec_tasks, utc_now)
 from .protocol import arg, self_argv, verb
@@ -66,6 +66,9 @@ def supervise(args):
         cancel.append(signal.SIGTERM)  # cancelled before we were up
     lease = None
     refused: list = []  # wait_for_slots appends when --no-queue refuses a busy host
+    if spec.get("after") and not cancel and not after.wait(path, spec, state, cancel):
+        end_unstarted(path, state, refused)  # cancelled while it waited for earlier jobs
+        return None
     if leases.wanted(spec) and not cancel:
         lease = wait_for_slots(path, spec, state, cancel, refused)
         if lease is None:  # cancelled while queued, or busy with --no-queue: it never starts

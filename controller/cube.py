@@ -96,6 +96,7 @@ class Environment:
     runtime_reason: str = ""
     playbooks: list[str] = field(default_factory=list)  # relative to the cube root
     requirements_file: str | None = None
+    metrics_file: str | None = None        # metadata `metrics:`: workspace-relative JSON output
 
     def env_hash(self, interpreter_version: str | None = None) -> str:
         """Key of a provisioned environment: sha256 over the JSON of (interpreter version,

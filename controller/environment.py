@@ -5,7 +5,7 @@ Dockerfile and requirements.txt; and the choice of runtime that follows from it.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from controller.entrypoint import dockerfile_entry, find_dockerfile, metadata_entry
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 METADATA_FILE = "metadata.yaml"
 METADATA_KEYS = ("name", "description", "authors", "framework", "model", "dataset",
                  "training_params", "entry_point", "output_folder", "runtime", "playbooks",
-                 "requirements_file", "version", "license", "tags")
+                 "requirements_file", "version", "license", "tags", "metrics")
 # framework.name -> (pip package, names that already provide it). "none"/"python" add nothing.
 FRAMEWORK_PACKAGES = {
     "tensorflow": ("tensorflow", {"tensorflow", "tensorflow-cpu", "tensorflow-gpu",
@@ -62,6 +62,7 @@ def _load_metadata(cube: Cube, src: Source) -> None:
     file_reqs = read_requirements(cube.root / env.requirements_file) if env.requirements_file else []
     env.requirements = _with_framework(_dedupe(reqs + file_reqs), env.framework)
     env.playbooks = _playbooks(cube, src, data.get("playbooks"))
+    env.metrics_file = _metrics_file(src, data.get("metrics"))
     declared = data.get("runtime")
     if declared is not None and declared not in RUNTIMES:
         raise src.error("runtime", f"has unknown runtime '{declared}'.",
@@ -170,6 +171,18 @@ def _playbooks(cube: Cube, src: Source, value) -> list[str]:
             raise src.error(f"playbooks.{i}", f"names '{pb}', which is not a file in the cube.",
                             f"Give a path relative to {cube.root}.")
     return list(value)
+
+
+def _metrics_file(src: Source, value) -> str | None:
+    """`metrics: model/metrics.json`: where the tasks write their metrics, relative to the
+    workspace like the outputs (cube sweep results reads it)."""
+    if value is None:
+        return None
+    path = PurePosixPath(value) if isinstance(value, str) else None
+    if path is None or path.is_absolute() or ".." in path.parts or path.suffix != ".json":
+        raise src.error("metrics", f"must be a .json file relative to the workspace, not {value!r}.",
+                        "Write e.g. 'metrics: model/metrics.json' (a file among the outputs).")
+    return path.as_posix()
 
 
 # ---------------------------------------------------------------------- legacy MLCube cubes

@@ -7,6 +7,7 @@ SQLite gives atomic updates and safe concurrent readers for free, which a JSON f
 
 from __future__ import annotations
 
+import builtins
 import getpass
 import json
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 from controller import paths
 from controller.errors import CubeError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 FINAL_STATES = {"succeeded", "failed", "cancelled", "lost"}
 
 # Parameter or variable names whose values must never be stored.
@@ -30,7 +31,7 @@ _COLUMNS = """
     tasks TEXT, params TEXT, env_hash TEXT, runtime TEXT, state TEXT, created_at REAL,
     started_at REAL, ended_at REAL, exit_code INTEGER, remote_dir TEXT, workspace TEXT,
     outputs TEXT, outputs_pulled INTEGER DEFAULT 0, log_path TEXT, inventory TEXT,
-    launcher TEXT DEFAULT 'agent', slurm_job_id TEXT, reason TEXT
+    launcher TEXT DEFAULT 'agent', slurm_job_id TEXT, reason TEXT, sweep TEXT, variant TEXT
 """
 
 # Each entry upgrades the schema from the version before it to its own; a ledger is migrated
@@ -39,7 +40,11 @@ MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE jobs ADD COLUMN launcher TEXT DEFAULT 'agent'"],
     3: ["CREATE TABLE records (job_id TEXT PRIMARY KEY, record TEXT NOT NULL)"],
     4: ["ALTER TABLE jobs ADD COLUMN slurm_job_id TEXT", "ALTER TABLE jobs ADD COLUMN reason TEXT"],
+    5: ["ALTER TABLE jobs ADD COLUMN sweep TEXT", "ALTER TABLE jobs ADD COLUMN variant TEXT",
+        "CREATE TABLE sweeps (id TEXT PRIMARY KEY, cube TEXT, created_at REAL, spec TEXT NOT NULL)"],
 }
+# Tables added after the first release, made at once in a new ledger (sweeps: controller/sweeps.py).
+_NEW_TABLES = [*MIGRATIONS[3], MIGRATIONS[5][-1]]
 
 
 @dataclass
@@ -68,6 +73,8 @@ class Job:
     launcher: str = "agent"  # what started it (controller.launchers)
     slurm_job_id: str | None = None  # a Slurm host's job id (controller.slurm)
     reason: str | None = None  # why it waits or ended so: Slurm's reason, the agent's error
+    sweep: str | None = None  # the sweep it is a variant of (controller/sweeps.py), and which
+    variant: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -146,7 +153,7 @@ class Ledger:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
         if not exists:
             self._db.execute(f"CREATE TABLE jobs ({_COLUMNS})")
-            for statement in MIGRATIONS[3]:   # tables added after the first release
+            for statement in _NEW_TABLES:
                 self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
@@ -203,6 +210,38 @@ class Ledger:
         row = self._db.execute("SELECT record FROM records WHERE job_id = ?",
                                (job_id,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    # -- sweeps (controller/sweeps.py): the sweep's spec as JSON; its jobs carry its id
+
+    def save_sweep(self, spec: dict) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO sweeps (id, cube, created_at, spec) "
+                             "VALUES (?, ?, ?, ?)", (spec["id"], spec["cube"], spec["created_at"],
+                                                     json.dumps(spec, sort_keys=True)))
+
+    def sweep(self, ref: str) -> dict:
+        """A sweep by id or unique id prefix."""
+        rows = self._db.execute("SELECT id, spec FROM sweeps WHERE id = ? OR id LIKE ? "
+                                "ORDER BY created_at DESC", (ref, ref + "%")).fetchall()
+        exact = [r for r in rows if r["id"] == ref]
+        if exact or len(rows) == 1:
+            return json.loads((exact or rows)[0]["spec"])
+        if not rows:
+            raise CubeError(f"No sweep '{ref}' in the ledger {self.path}.",
+                            "List sweeps with `cube sweep list`.")
+        raise CubeError(f"Sweep reference '{ref}' is ambiguous: "
+                        f"{', '.join(r['id'] for r in rows[:5])}.", "Give more of the id.")
+
+    def sweeps(self, limit: int = 50) -> builtins.list[dict]:
+        rows = self._db.execute("SELECT spec FROM sweeps ORDER BY created_at DESC LIMIT ?",
+                                (limit,))
+        return [json.loads(r["spec"]) for r in rows]
+
+    def sweep_jobs(self, sweep_id: str) -> builtins.list[Job]:
+        """Every job of a sweep, oldest first (a retried variant has several)."""
+        rows = self._db.execute("SELECT * FROM jobs WHERE sweep = ? ORDER BY created_at",
+                                (sweep_id,))
+        return [_from_row(r) for r in rows]
 
     def close(self) -> None:
         self._db.close()

@@ -45,11 +45,12 @@ class SlotRequest:
     lease_dir: str
     slot_gpus: list[int] = field(default_factory=list)
     no_queue: bool = False
+    after: list[str] = field(default_factory=list)  # enter the queue once these jobs are final
 
     def spec_fields(self) -> dict:
         return {"slots": self.slots, "total_slots": self.total_slots,
                 "lease_dir": self.lease_dir, "slot_gpus": self.slot_gpus,
-                "no_queue": self.no_queue}
+                "no_queue": self.no_queue, **({"after": self.after} if self.after else {})}
 
 
 class AgentLauncher:

@@ -59,6 +59,9 @@ class RunRequest:
     labels: list[str] = field(default_factory=list)  # --label: placement within the selection
     partition: str | None = None  # Slurm hosts: --partition and --time for this run
     time: str | None = None
+    sweep: str | None = None      # controller.sweeps: the sweep and variant this job is
+    variant: str | None = None
+    after: list[str] = field(default_factory=list)  # start once these jobs on the host are final
 
 
 @dataclass
@@ -100,7 +103,7 @@ def run(req: RunRequest, sinks: Sinks) -> RunResult:
         sinks.log(f"job {job.id}: {', '.join(plan.task_names)} on {req.host} "
                   f"({plan.runtime}: {plan.runtime_reason})")
         _start(ledger, job, plan, inputs, target, sinks.log, overrides,
-               demand=demand, no_queue=req.no_queue)
+               demand=demand, no_queue=req.no_queue, after=req.after)
         if req.detach:
             sinks.log(f"detached; follow with `cube remote attach {job.id}`")
             return RunResult(job.id, job.state, 0)
@@ -109,10 +112,13 @@ def run(req: RunRequest, sinks: Sinks) -> RunResult:
 
 def _start(ledger: Ledger, job: Job, plan: JobPlan, inputs: list[str], target: HostTarget,
            log: Callable[[str], None], config_overrides: list[str], *,
-           demand: placement.Demand | None = None, no_queue: bool = False) -> None:
+           demand: placement.Demand | None = None, no_queue: bool = False,
+           after: list[str] | None = None) -> None:
     layout = HostLayout.for_plan(target.root, plan, job.id)
     probe = _timed(log, "probe", lambda: target.agent("probe", *probe_args(target.spec)))
     slots = placement.slot_request(target.spec, probe, demand, no_queue) if demand else None
+    if slots is not None and after:
+        slots.after = list(after)  # the agent waits for them before it queues (agent/after.py)
     facts = ProbedFacts(probe)
     _sync_up(target, plan.cube, layout, inputs, log)
     start = time.monotonic()
@@ -166,7 +172,8 @@ def _new_job(plan: JobPlan, req: RunRequest, target: HostTarget) -> Job:
               tasks=plan.task_names, name=req.name, cube_path=str(cube.root),
               params=dict(req.overrides), runtime=plan.runtime, remote_dir=target.root,
               workspace=str(cube.workspace), outputs=plan.outputs_to_pull,
-              inventory=str(req.inventory or ""), launcher="agent")
+              inventory=str(req.inventory or ""), launcher="agent", sweep=req.sweep,
+              variant=req.variant)
     job.log_path = str(paths.cube_home() / "jobs" / job.id / "output.log")
     return job
 
@@ -287,6 +294,12 @@ def _finish(ledger: Ledger, target: HostTarget, job: Job, state: dict,
     if record is not None:
         outputs = records.output_digests(Path(job.workspace), job.outputs)
         ledger.save_record(job.id, records.finish_record(record, job, state, outputs))
+
+
+def finish(ledger: Ledger, target: HostTarget, job: Job, state: dict,
+           log: Callable[[str], None]) -> None:
+    """A job found final (controller.sweeps polls many): its end recorded, outputs pulled."""
+    _finish(ledger, target, job, state, log)
 
 
 def pull_outputs(ledger: Ledger, target: HostTarget, job: Job,

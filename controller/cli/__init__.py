@@ -1,7 +1,7 @@
 """The `cube` command: thin parsing and rendering over library functions.
 
 Each concern registers its commands from its own module (model.py, local.py, remote.py, hosts.py,
-records.py, schedule.py, lab.py, serve.py, ui.py), so no file here grows into a 2,000-line main.
+records.py, schedule.py, lab.py, serve.py, ui.py, sweeps.py), so no file here grows into a 2,000-line main.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def _register() -> None:
         remote,
         schedule,
         serve,
+        sweeps,
         ui,  # noqa: F401,PLC0415
     )
 

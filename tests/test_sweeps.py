@@ -1,0 +1,259 @@
+"""Sweeps (controller/sweeps.py, sweepgrid.py, sweepresults.py, agent/after.py): the grid and
+the sweep file, values keeping their key's type, bad input refused before anything is synced,
+and real sweeps on lab hosts: --max-parallel chains, retry, and the mnist cube on 3 hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent import after
+from agent.jobstate import save_json_atomic, try_lock
+from agent.protocol import AgentError
+from controller import sweepgrid, sweepresults, sweeps
+from controller.cube import load_cube
+from controller.errors import ConfigError, CubeError
+from controller.jobs import SCHEMA_VERSION, Job, Ledger
+from controller.sweepgrid import Variant, Vary
+from tests.test_remote import copy_cube
+
+FINAL = {"succeeded", "failed", "cancelled", "lost"}
+
+
+# ---- the grid, the sweep file and key paths ----------------------------------------------------
+
+def test_vary_parses_param_key_path_and_values():
+    assert sweepgrid.parse_vary("train_config:learning_rate.initial=0.01, 0.003") == Vary(
+        "train_config", "learning_rate.initial", ("0.01", "0.003"))
+    assert sweepgrid.parse_vary("epochs=5,10") == Vary(None, "epochs", ("5", "10"))
+    for bad in ("train_config:epochs", "=1,2", ":epochs=1", "epochs=", "epochs=1,,2"):
+        with pytest.raises(CubeError) as err:
+            sweepgrid.parse_vary(bad)
+        assert err.value.exit_code == 2
+
+
+def test_grid_is_the_cartesian_product_first_vary_slowest():
+    axes = [Vary("c", "lr", ("0.1", "0.01")), Vary("c", "epochs", ("5", "10", "20"))]
+    points = sweepgrid.grid(axes)
+    assert len(points) == 6
+    assert points[0] == {"c": {"lr": "0.1", "epochs": "5"}}
+    assert points[3] == {"c": {"lr": "0.01", "epochs": "5"}}
+    with pytest.raises(CubeError, match="twice"):
+        sweepgrid.grid([Vary("c", "lr", ("1",)), Vary("c", "lr", ("2",))])
+
+
+def test_values_keep_the_type_of_their_key():
+    doc = {"epochs": 5, "lr": {"initial": 0.01}, "shuffle": True, "opt": "adam",
+           "layers": [8, 4], "note": None}
+    assert sweepgrid.set_key(doc, "epochs", "10", "f") == 10 and type(doc["epochs"]) is int
+    assert sweepgrid.set_key(doc, "lr.initial", "1", "f") == 1.0
+    assert type(doc["lr"]["initial"]) is float
+    assert sweepgrid.set_key(doc, "shuffle", "no", "f") is False
+    assert sweepgrid.set_key(doc, "opt", "123", "f") == "123"
+    assert sweepgrid.set_key(doc, "layers.1", "16", "f") == 16 and doc["layers"] == [8, 16]
+    assert sweepgrid.set_key(doc, "note", "0.5", "f") == 0.5  # null: any YAML value
+    assert sweepgrid.set_key(doc, "epochs", 7, "f") == 7       # a sweep file's typed value
+    for key, value, message in (("epochs", "abc", "not an integer"),
+                                ("epochs", "0.5", "not an integer"),
+                                ("epochs", 2.5, "not an integer"),
+                                ("lr.initial", "fast", "not a number"),
+                                ("shuffle", "maybe", "not a boolean"),
+                                ("layers", "8", "not a list"),
+                                ("nope", "1", "has no key 'nope'"),
+                                ("lr.final", "1", "Keys under lr: initial"),
+                                ("epochs.x", "1", "epochs is a number"),
+                                ("layers.7", "1", "a list of 2")):
+        with pytest.raises(CubeError, match=message) as err:
+            sweepgrid.set_key(doc, key, value, "f")
+        assert err.value.exit_code == 2
+
+
+def test_the_sweep_file_lists_variants_with_dotted_or_nested_keys(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("variants:\n"
+                    "  - name: small\n"
+                    "    config: {model.depth: 1, rate: 0.1}\n"
+                    "  - config:\n"
+                    "      model: {depth: 3}\n")
+    listed = sweepgrid.load_sweep_file(path)
+    assert listed == [Variant("small", {"config": {"model.depth": 1, "rate": 0.1}}),
+                      Variant(None, {"config": {"model.depth": 3}})]
+    crossed = sweepgrid.combine(listed, sweepgrid.grid([Vary("config", "steps", ("1", "2"))]))
+    assert [v.values["config"] for v in crossed][:2] == [
+        {"model.depth": 1, "rate": 0.1, "steps": "1"}, {"model.depth": 1, "rate": 0.1, "steps": "2"}]
+    assert sweepgrid.variant_names(crossed) == ["small-01", "small-02", "v03", "v04"]
+    with pytest.raises(CubeError, match="used twice"):
+        sweepgrid.variant_names([Variant("a", {}), Variant("a", {})])
+    with pytest.raises(CubeError, match="set by the sweep file and by --vary"):
+        sweepgrid.combine(listed, sweepgrid.grid([Vary("config", "rate", ("1",))]))
+
+
+@pytest.mark.parametrize("text, where", [
+    ("grid: {}\n", "field 'grid'"),
+    ("variants: []\n", "field 'variants'"),
+    ("variants: [5]\n", "field 'variants.0'"),
+    ("variants: [{name: 'a b', config: {x: 1}}]\n", "field 'variants.0.name'"),
+    ("variants: [{config: 3}]\n", "field 'variants.0.config'"),
+])
+def test_a_bad_sweep_file_names_the_field_and_line(tmp_path, text, where):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=where) as err:
+        sweepgrid.load_sweep_file(path)
+    assert err.value.exit_code == 2 and err.value.line == 1
+
+
+def test_variant_names_are_numbered_wide_enough_to_sort():
+    names = sweepgrid.variant_names([Variant(None, {}) for _ in range(12)])
+    assert names[:2] == ["v01", "v02"] and names[-1] == "v12" and sorted(names) == names
+
+
+# ---- planning a sweep of a cube (no host) --------------------------------------------------------
+
+@pytest.fixture
+def tuner(tmp_path):
+    return copy_cube("tuner", tmp_path)
+
+
+def request(cube_dir: Path, *vary: str, **kw) -> sweeps.SweepRequest:
+    return sweeps.SweepRequest(cube_path=cube_dir, host="lab1", tasks="tune", vary=list(vary), **kw)
+
+
+def test_plan_writes_one_typed_copy_per_variant_and_moves_the_outputs(tuner):
+    plan = sweeps.plan_sweep(request(tuner, "config:steps=1,2", "config:rate=1",
+                                     "config:model.depth=3"))
+    assert plan.keys == ["config:steps", "config:rate", "config:model.depth"]
+    assert [v.name for v in plan.variants] == ["v01", "v02"]
+    first = plan.variants[0]
+    assert first.folder == f"sweeps/{plan.id}/v01"
+    assert first.overrides == {"config": f"{first.folder}/config.yaml",
+                               "result": f"{first.folder}/result/"}
+    assert first.values == {"config:steps": 1, "config:rate": 1.0, "config:model.depth": 3}
+    assert not (tuner / "workspace" / "sweeps").exists()  # planning writes nothing
+    sweeps.write_files(plan)
+    written = yaml.safe_load((tuner / "workspace" / first.overrides["config"]).read_text())
+    assert written["steps"] == 1 and type(written["rate"]) is float
+    assert written["model"] == {"layers": [8, 4], "depth": 3} and written["must_exist"] == "/"
+
+
+def test_plan_starts_from_the_users_own_override_of_the_varied_file(tuner):
+    (tuner / "workspace" / "other.yaml").write_text(
+        (tuner / "workspace" / "config.yaml").read_text().replace("steps: 4", "steps: 40"))
+    plan = sweeps.plan_sweep(request(tuner, "rate=2", overrides={"config": "other.yaml"}))
+    assert plan.variants[0].docs[f"sweeps/{plan.id}/v01/other.yaml"]["steps"] == 40
+
+
+@pytest.mark.parametrize("vary, message", [
+    ("notes:x=1", "cannot be varied: it is not a YAML file"),
+    ("result:x=1", "cannot be varied: it is an output"),
+    ("nope:x=1", "no parameter 'nope'"),
+    ("config:nope=1", "has no key 'nope'"),
+    ("config:steps=abc", "'abc' is not an integer"),
+])
+def test_plan_refuses_bad_input_with_exit_2(tuner, vary, message):
+    with pytest.raises(CubeError, match=message) as err:
+        sweeps.plan_sweep(request(tuner, vary))
+    assert err.value.exit_code == 2
+
+
+def test_plan_needs_values_and_a_positive_max_parallel(tuner):
+    with pytest.raises(CubeError, match="needs values"):
+        sweeps.plan_sweep(request(tuner))
+    with pytest.raises(CubeError, match="--max-parallel"):
+        sweeps.plan_sweep(request(tuner, "steps=1", max_parallel=0))
+
+
+def test_metadata_names_the_metrics_file_and_a_bad_value_is_a_config_error(tuner):
+    meta = tuner / "metadata.yaml"
+    meta.write_text(meta.read_text() + "metrics: result/metrics.json\n")
+    assert load_cube(tuner).env.metrics_file == "result/metrics.json"
+    for bad in ("/abs/m.json", "../m.json", "m.txt", "[1]"):
+        meta.write_text(re.sub(r"metrics: .*", f"metrics: {bad}", meta.read_text()))
+        with pytest.raises(ConfigError, match="field 'metrics'"):
+            load_cube(tuner)
+    assert load_cube(REPO_MNIST).env.metrics_file == "model/metrics.json"
+
+
+REPO_MNIST = Path(__file__).resolve().parent.parent / "cubes" / "mnist"
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+def test_metrics_are_top_level_numbers_of_the_declared_file_or_every_json(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "metrics.json").write_text(json.dumps(
+        {"test_accuracy": 0.9, "epochs": [{"loss": 1}], "ok": True, "config": {"lr": 1}}))
+    (tmp_path / "eval.json").write_text(json.dumps({"test_accuracy": 0.8, "f1": 0.7}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert sweepresults.read_metrics(tmp_path, "model/metrics.json") == {"test_accuracy": 0.9}
+    assert sweepresults.read_metrics(tmp_path, None) == {
+        "test_accuracy": 0.8, "f1": 0.7, "metrics.test_accuracy": 0.9}
+    assert sweepresults.read_metrics(tmp_path / "absent", None) == {}
+
+
+def test_rows_sort_by_a_metric_and_render_as_csv():
+    table = [{"variant": f"v{i}", "job": f"j{i}", "host": "h", "state": "succeeded",
+              "exit_code": 0, "values": {"c:lr": lr}, "metrics": m}
+             for i, (lr, m) in enumerate([(0.1, {"acc": 0.5}), (0.01, {"acc": 0.9}), (1, {})])]
+    assert [r["variant"] for r in sweepresults.sort_rows(table, "acc")] == ["v1", "v0", "v2"]
+    assert [r["variant"] for r in sweepresults.sort_rows(table, "c:lr", ascending=True)] == [
+        "v1", "v0", "v2"]
+    with pytest.raises(CubeError, match="Sort by one of: acc, c:lr"):
+        sweepresults.sort_rows(table, "loss")
+    csv = sweepresults.to_csv(table, ["c:lr"]).splitlines()
+    assert csv[0] == "variant,job,host,state,exit_code,c:lr,acc"
+    assert csv[1] == "v0,j0,h,succeeded,0,0.1,0.5" and csv[3] == "v2,j2,h,succeeded,0,1,"
+
+
+# ---- the ledger and the agent's `after` ----------------------------------------------------------
+
+def test_the_ledger_keeps_sweeps_and_a_v4_ledger_migrates(cube_home):
+    path = cube_home / "old.db"
+    with Ledger(path) as ledger:
+        ledger.save(Job(id="j1", cube="c", host="h", tasks=["t"]))
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE sweeps")
+    db.execute("CREATE TABLE j2 AS SELECT * FROM jobs")
+    db.execute("ALTER TABLE j2 DROP COLUMN sweep")
+    db.execute("ALTER TABLE j2 DROP COLUMN variant")
+    db.execute("DROP TABLE jobs")
+    db.execute("ALTER TABLE j2 RENAME TO jobs")
+    db.execute("PRAGMA user_version = 4")
+    db.commit()
+    db.close()
+    with Ledger(path) as ledger:
+        assert ledger.version == SCHEMA_VERSION == 5 and ledger.get("j1").sweep is None
+        ledger.save(Job(id="j2", cube="c", host="h", tasks=["t"], sweep="s-1", variant="v01"))
+        ledger.save_sweep({"id": "s-1", "cube": "c", "created_at": 1.0, "variants": []})
+        assert ledger.sweep("s-").get("id") == "s-1" and ledger.sweeps()[0]["id"] == "s-1"
+        assert [j.variant for j in ledger.sweep_jobs("s-1")] == ["v01"]
+        with pytest.raises(CubeError, match="No sweep"):
+            ledger.sweep("nope")
+
+
+def test_after_waits_only_for_jobs_that_are_not_final(tmp_path):
+    def job(job_id: str, state: str) -> Path:
+        path = tmp_path / "jobs" / job_id
+        path.mkdir(parents=True)
+        save_json_atomic(str(path / "state.json"), {"job_id": job_id, "state": state})
+        return path
+
+    job("done", "failed")
+    running = job("busy", "running")
+    lock = try_lock(str(running / "supervisor.lock"))  # a live supervisor holds its lock
+    try:
+        assert after.pending(str(tmp_path), ["done", "busy", "never-launched"]) == ["busy"]
+    finally:
+        os.close(lock)
+    assert after.pending(str(tmp_path), ["busy"]) == []  # its supervisor vanished: lost
+    after.check_spec({"job_id": "a", "after": ["b"]})
+    for bad in ({"job_id": "a", "after": "b"}, {"job_id": "a", "after": ["a"]},
+                {"job_id": "a", "after": ["../x"]}):
+        with pytest.raises(AgentError):
+            after.check_spec(bad)
