@@ -205,7 +205,8 @@ def write_files(plan: SweepPlan) -> None:
         for rel, doc in variant.docs.items():
             header = (f"# sweep {plan.id}, variant {variant.name}: "
                       + ", ".join(f"{k}={v}" for k, v in variant.values.items()) + "\n")
-            text = header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+            text = header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True,
+                                           default_flow_style=None)  # short lists stay [8, 4]
             path = plan.cube.workspace / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, text)
@@ -309,10 +310,7 @@ def follow(ref: str, sinks: Sinks, poll_s: float = 2.0) -> int:
         spec = ledger.sweep(ref)
     with sweepstate.HostPool(sinks.log) as pool:
         while True:
-            view = sweepstate.refresh(spec["id"], pool, sinks.log, pull=True)
-            for job in view.ended:
-                code = f" (exit {job.exit_code})" if job.exit_code else ""
-                sinks.log(f"{job.variant}: job {job.id} {job.state} on {job.host}{code}")
+            view = sweepstate.refresh(spec["id"], pool, sinks.log, pull=True)  # says each end
             if view.settled:
                 break
             time.sleep(poll_s)

@@ -57,7 +57,6 @@ class HostPool:
 @dataclass
 class View:
     latest: dict[str, Job] = field(default_factory=dict)   # variant -> its newest job
-    ended: list[Job] = field(default_factory=list)          # final since the last look
     settled: bool = True                                    # every job final and pulled
 
 
@@ -77,9 +76,7 @@ def refresh(sweep_id: str, pool: HostPool, log: Log, *, pull: bool) -> View:
         for job in view.latest.values():
             if job.finished and (job.outputs_pulled or not pull):
                 continue
-            was_final = job.finished
-            if _look(ledger, pool, job, log, pull) and not was_final:
-                view.ended.append(job)
+            _look(ledger, pool, job, log, pull)
             view.settled &= job.finished and (job.outputs_pulled or not pull)
     return view
 
@@ -96,7 +93,9 @@ def _look(ledger: Ledger, pool: HostPool, job: Job, log: Log, pull: bool) -> boo
                 job.state = state.get("state", job.state)
                 ledger.save(job)
             return False
-        if pull:
+        if pull:  # `cube sweep results|retry` and --follow: say it ended, then pull
+            code = f" (exit {state.get('exit_code')})" if state.get("exit_code") else ""
+            log(f"{job.variant}: job {job.id} {state['state']} on {job.host}{code}")
             remote.finish(ledger, target, job, state, lambda m: log(f"{job.variant}: {m}"))
         else:
             job.state, job.exit_code = state["state"], state.get("exit_code")

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -16,12 +19,15 @@ import yaml
 from agent import after
 from agent.jobstate import save_json_atomic, try_lock
 from agent.protocol import AgentError
+from controller import lab as labmod
 from controller import sweepgrid, sweepresults, sweeps
 from controller.cube import load_cube
 from controller.errors import ConfigError, CubeError
 from controller.jobs import SCHEMA_VERSION, Job, Ledger
 from controller.sweepgrid import Variant, Vary
-from tests.test_remote import copy_cube
+from tests.conftest import require
+from tests.fixtures.lab import Lab, sshd_available
+from tests.test_remote import copy_cube, cube
 
 FINAL = {"succeeded", "failed", "cancelled", "lost"}
 
@@ -257,3 +263,167 @@ def test_after_waits_only_for_jobs_that_are_not_final(tmp_path):
                 {"job_id": "a", "after": ["../x"]}):
         with pytest.raises(AgentError):
             after.check_spec(bad)
+
+
+# ---- on lab hosts --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def three_labs(tmp_path_factory):
+    """lab1..lab3 with one slot each, under their own CUBE_HOME, for this module's tests."""
+    require(sshd_available(), "OpenSSH server (/usr/sbin/sshd) is not installed")
+    the_lab = Lab(home=tmp_path_factory.mktemp("sweep-lab"))
+    try:
+        the_lab.hosts = the_lab._call(lambda: labmod.lab_up(3, slots=1))
+        yield the_lab
+    finally:
+        the_lab._call(labmod.lab_down)
+
+
+@pytest.fixture
+def on_lab(three_labs, cube_home):
+    for f in (three_labs.inventory, three_labs.known_hosts):
+        shutil.copy(f, cube_home / f.name)
+    return three_labs
+
+
+def start_sweep(*args: str, timeout: float = 600):
+    result = cube("remote", "sweep", *args, timeout=timeout)
+    return (result.stdout.split() or [""])[0], result
+
+
+def sweep_jobs(sweep_id: str) -> list[dict]:
+    listed = cube("remote", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return sorted((j for j in json.loads(listed.stdout) if j["sweep"] == sweep_id),
+                  key=lambda j: j["created_at"])
+
+
+def host_state(lab: Lab, job: dict) -> dict:
+    """A job's state.json read straight from its host's root: no controller involved."""
+    return json.loads((Path(lab.host(job["host"]).root) / "jobs" / job["id"] / "state.json")
+                      .read_text())
+
+
+def wait_final(lab: Lab, jobs: list[dict], timeout: float = 300) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [host_state(lab, j) for j in jobs]
+        if all(s["state"] in FINAL for s in states):
+            return states
+        assert time.monotonic() < deadline, [s["state"] for s in states]
+        time.sleep(0.3)
+
+
+def results_json(sweep_id: str) -> list[dict]:
+    out = cube("sweep", "results", sweep_id, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["rows"]
+
+
+def never_overlap(spans: list[tuple[str, str]]) -> None:
+    spans = sorted(spans)
+    for (_, end), (begin, _) in zip(spans, spans[1:], strict=False):
+        assert end <= begin, spans
+
+
+@pytest.mark.integration
+def test_bad_input_is_exit_2_before_anything_is_synced_or_recorded(on_lab, tuner):
+    name = f"tuner{secrets.token_hex(3)}"  # a name no other test synced to the hosts
+    mlcube = tuner / "mlcube.yaml"
+    mlcube.write_text(mlcube.read_text().replace("name: tuner", f"name: {name}"))
+    for vary, message in (("config:nope=1", "has no key 'nope'"),
+                          ("notes:x=1", "it is not a YAML file (notes.txt)"),
+                          ("nope:x=1", "no parameter 'nope'"),
+                          ("config:steps=abc", "'abc' is not an integer")):
+        _, result = start_sweep(str(tuner), "--host", "@lab", "--task", "tune", "--vary", vary)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "hint:" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and result.stdout == ""
+    assert json.loads(cube("remote", "list", "--json").stdout) == []
+    assert json.loads(cube("sweep", "list", "--json").stdout) == []
+    assert not (tuner / "workspace" / "sweeps").exists()
+    for h in on_lab.hosts:
+        assert not (Path(h.root) / "cubes" / name).exists()
+        assert not list((Path(h.root) / "jobs").glob(f"{name}-*"))
+
+
+@pytest.mark.integration
+def test_max_parallel_1_chains_the_variants_on_one_host_without_a_controller(on_lab, tuner):
+    sweep_id, started = start_sweep(str(tuner), "--host", "@lab", "--task", "tune",
+                                    "--vary", "config:steps=1,2,3", "--vary", "config:seconds=2",
+                                    "--max-parallel", "1")
+    assert started.returncode == 0, started.stderr
+    jobs = sweep_jobs(sweep_id)
+    assert [j["variant"] for j in jobs] == ["v01", "v02", "v03"]
+    assert len({j["host"] for j in jobs}) == 1  # one lane: one host
+    states = wait_final(on_lab, jobs)  # the agents chain them: nothing runs here meanwhile
+    assert [s["state"] for s in states] == ["succeeded"] * 3
+    never_overlap([(s["started_at"], s["ended_at"]) for s in states])
+    assert all(s.get("queued_at") for s in states[1:])  # each waited for the one before
+
+    rows = results_json(sweep_id)
+    assert [(r["variant"], r["values"]["config:steps"], r["metrics"]["score"]) for r in rows] == [
+        ("v01", 1, 1.0), ("v02", 2, 2.0), ("v03", 3, 3.0)]
+    pulled = json.loads((tuner / "workspace" / "sweeps" / sweep_id / "v02" / "result" /
+                         "metrics.json").read_text())
+    assert pulled["types"] == ["float", "int", "bool"]  # the variant file kept every type
+    assert not (tuner / "workspace" / "result").exists()  # the user's own outputs untouched
+    listed = json.loads(cube("sweep", "list", "--json").stdout)
+    assert listed[0]["id"] == sweep_id and listed[0]["states"] == {"succeeded": 3}
+
+
+@pytest.mark.integration
+def test_a_failed_variant_fails_alone_and_retry_reruns_it_in_its_folder(on_lab, tuner, tmp_path):
+    gate = tmp_path / "gate"  # lab hosts share this machine's files
+    sweep_id, first = start_sweep(str(tuner), "--host", "@lab", "--task", "tune",
+                                  "--vary", f"config:must_exist=/,{gate}", "--follow")
+    assert first.returncode == 1, first.stderr
+    assert re.search(r"v01: job \S+ succeeded", first.stderr), first.stderr
+    assert re.search(r"v02: job \S+ failed on lab\d \(exit 3\)", first.stderr), first.stderr
+    status = json.loads(cube("sweep", "status", sweep_id, "--json").stdout)
+    assert [r["state"] for r in status["variants_detail"]] == ["succeeded", "failed"]
+
+    gate.write_text("open")
+    retried = cube("sweep", "retry", sweep_id[:-2], "--follow", timeout=600)  # a prefix works
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.split()[0] == "v02"
+    rows = results_json(sweep_id)
+    assert [r["state"] for r in rows] == ["succeeded", "succeeded"]
+    assert rows[1]["metrics"]["score"] == 4.0 and rows[1]["folder"].endswith(f"{sweep_id}/v02")
+    assert [j["variant"] for j in sweep_jobs(sweep_id)] == ["v01", "v02", "v02"]
+    again = cube("sweep", "retry", sweep_id)
+    assert again.returncode == 0 and again.stdout.strip() == "nothing to retry"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_mnist_sweep_on_three_hosts_brings_every_variants_metrics_back(on_lab, tmp_path):
+    """4 variants of the mnist cube (2,000 images, one epoch) on lab1..lab3, one slot each."""
+    mnist = copy_cube("mnist", tmp_path)
+    sweep_id, result = start_sweep(
+        str(mnist), "--host", "@lab", "--task", "download,train", "train_config=train-smoke.yaml",
+        "--vary", "train_config:learning_rate.initial=0.01,0.003",
+        "--vary", "train_config:batch_size=128,256", "--follow", timeout=3600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ws = mnist / "workspace"
+    for variant in ("v01", "v02", "v03", "v04"):
+        metrics = json.loads((ws / "sweeps" / sweep_id / variant / "model" / "metrics.json")
+                             .read_text())
+        assert metrics["config"]["epochs"] == 1 and metrics["train_examples"] == 2000
+    assert not (ws / "model").exists()  # the user's own outputs untouched
+
+    rows = results_json(sweep_id)
+    assert [(r["values"]["train_config:learning_rate.initial"],
+             r["values"]["train_config:batch_size"]) for r in rows] == [
+        (0.01, 128), (0.01, 256), (0.003, 128), (0.003, 256)]
+    assert all(0.1 < r["metrics"]["test_accuracy"] <= 1.0 for r in rows), rows
+    best = cube("sweep", "results", sweep_id, "--sort", "test_accuracy", "--csv")
+    assert best.stdout.splitlines()[0].startswith("variant,job,host,state,exit_code,"
+                                                  "train_config:learning_rate.initial")
+
+    jobs = sweep_jobs(sweep_id)
+    assert len({j["host"] for j in jobs}) == 3  # placement spread them
+    states = [host_state(on_lab, j) for j in jobs]
+    for host in ("lab1", "lab2", "lab3"):  # one slot each: never two at once on a host
+        never_overlap([(s["started_at"], s["ended_at"]) for j, s in zip(jobs, states, strict=True)
+                       if j["host"] == host])
