@@ -196,7 +196,8 @@ def start(req: SweepRequest, sinks: Sinks) -> dict:
     lanes = f", at most {req.max_parallel} at once" if req.max_parallel else ""
     sinks.log(f"sweep {plan.id}: {len(plan.variants)} variants of {plan.cube.name} "
               f"({', '.join(plan.keys)}) on {req.host}{lanes}")
-    submit(spec, [v.name for v in plan.variants], sinks, first_fatal=True)
+    submit(spec, [v.name for v in plan.variants], sinks, first_fatal=True,
+           overrides={v.name: v.overrides for v in plan.variants})
     return spec
 
 
@@ -224,22 +225,25 @@ def _record(plan: SweepPlan, req: SweepRequest) -> dict:
         "keys": plan.keys, "metrics_file": cube.env.metrics_file,
         "lanes": [{"host": None, "tail": None} for _ in range(req.max_parallel or 0)],
         "variants": [{"name": v.name, "values": v.values, "folder": v.folder,
-                      "files": sorted(v.docs), "overrides": v.overrides, "error": None,
+                      "files": sorted(v.docs), "overrides": redact(v.overrides), "error": None,
                       "lane": i % req.max_parallel if req.max_parallel else None}
                      for i, v in enumerate(plan.variants)],
     }
 
 
-def submit(spec: dict, names: list[str], sinks: Sinks, *, first_fatal: bool) -> None:
+def submit(spec: dict, names: list[str], sinks: Sinks, *, first_fatal: bool,
+           overrides: dict[str, dict[str, str]] | None = None) -> None:
     """One detached job per named variant, in order; a variant that cannot start fails only
     itself (its error is kept for `cube sweep status`), except the first of a new sweep, whose
-    error (no host fits, say) would be every variant's."""
+    error (no host fits, say) would be every variant's. `overrides`: the variants' own, when
+    the spec's are redacted."""
     variants = {v["name"]: v for v in spec["variants"]}
     for i, name in enumerate(names):
         variant = variants[name]
         lane = spec["lanes"][variant["lane"]] if variant.get("lane") is not None else None
+        params = (overrides or {}).get(name, variant["overrides"])
         try:
-            result = remote.run(_run_request(spec, variant, lane), _prefixed(sinks, name))
+            result = remote.run(_run_request(spec, variant, lane, params), _prefixed(sinks, name))
         except CubeError as err:
             variant["error"] = str(err)
             _save(spec)
@@ -259,14 +263,15 @@ def _prefixed(sinks: Sinks, name: str) -> Sinks:
     return Sinks(log=lambda message: sinks.log(f"{name}: {message}"))
 
 
-def _run_request(spec: dict, variant: dict, lane: dict | None) -> remote.RunRequest:
+def _run_request(spec: dict, variant: dict, lane: dict | None,
+                 params: dict[str, str]) -> remote.RunRequest:
     """A variant's job: placed on the selection, or chained in its lane once the lane has a
     host (the same host, after the lane's previous job)."""
     lane = lane if lane is not None and lane.get("host") else None
     chained = lane is not None
     return remote.RunRequest(
         cube_path=Path(spec["cube_path"]), host=lane["host"] if lane else spec["host"],
-        tasks=",".join(spec["tasks"]), overrides=dict(variant["overrides"]),
+        tasks=",".join(spec["tasks"]), overrides=dict(params),
         config_overrides=list(spec["config_overrides"]), workspace=Path(spec["workspace"]),
         runtime=spec["runtime"], detach=True,
         inventory=Path(spec["inventory"]) if spec["inventory"] else None,
@@ -291,12 +296,15 @@ def retry(ref: str, sinks: Sinks) -> list[str]:
         latest = sweepstate.refresh(spec["id"], pool, sinks.log, pull=True).latest
     names = [v["name"] for v in spec["variants"] if v["name"] not in latest
              or latest[v["name"]].state in RETRIED_STATES]
-    for v in spec["variants"]:
-        missing = [f for f in v["files"] if v["name"] in names
-                   and not (Path(spec["workspace"]) / f).is_file()]
+    for v in (v for v in spec["variants"] if v["name"] in names):
+        missing = [f for f in v["files"] if not (Path(spec["workspace"]) / f).is_file()]
         if missing:
             raise CubeError(f"Variant {v['name']}'s file {missing[0]} is gone from "
                             f"{spec['workspace']}.", "Start a new sweep instead.")
+        if "***" in v["overrides"].values():  # a secret-looking NAME=PATH was not stored
+            raise CubeError(f"Variant {v['name']} had a parameter whose name looks secret; its "
+                            "value was not stored, so it cannot be retried.",
+                            "Start the sweep again with the value.")
     if names:
         sinks.log(f"sweep {spec['id']}: retrying {', '.join(names)}")
         submit(spec, names, sinks, first_fatal=False)

@@ -189,6 +189,28 @@ def test_metadata_names_the_metrics_file_and_a_bad_value_is_a_config_error(tuner
 REPO_MNIST = Path(__file__).resolve().parent.parent / "cubes" / "mnist"
 
 
+def test_a_sweep_is_recorded_before_its_jobs_and_secret_looking_values_are_not(tuner):
+    """The first variant's error is every variant's: it is raised, and kept in the ledger."""
+    mlcube = tuner / "mlcube.yaml"
+    mlcube.write_text(mlcube.read_text().replace(
+        "        notes: {type: file, default: notes.txt}\n",
+        "        notes: {type: file, default: notes.txt}\n"
+        "        api_token: {type: file, default: notes.txt}\n"))
+    req = request(tuner, "steps=1,2", overrides={"api_token": "notes.txt"})
+    req.host = "nohost.invalid"
+    with pytest.raises(CubeError) as err:
+        sweeps.start(req, sweeps.Sinks())
+    assert err.value.exit_code == 3
+    with Ledger() as ledger:
+        spec = ledger.sweeps()[0]
+        assert ledger.sweep_jobs(spec["id"]) == []
+    assert spec["overrides"] == {"api_token": "***"}
+    assert spec["variants"][0]["overrides"]["api_token"] == "***"
+    assert "nohost.invalid" in spec["variants"][0]["error"]
+    with pytest.raises(CubeError, match="looks secret"):
+        sweeps.retry(spec["id"], sweeps.Sinks())
+
+
 # ---- results -----------------------------------------------------------------------------------
 
 def test_metrics_are_top_level_numbers_of_the_declared_file_or_every_json(tmp_path):
