@@ -237,15 +237,17 @@ def read_log(args):
     seconds pass. The answer says the next offset and whether the job is final and drained."""
     path = existing_job_dir(args.root, args.job)
     deadline = time.monotonic() + args.wait
+    began = None
     while True:
         state = load_state(path)  # first: once final, the file holds everything
+        began = began or state["state"]  # a change (queued -> running) is news for a follower
         with open(os.path.join(path, "output.log"), "rb") as log:
             log.seek(args.offset)
             data = log.read(args.max_bytes)
         end = args.offset + len(data)
         drained = end >= state.get("log_bytes", 0)
         final = state["state"] in FINAL_STATES
-        if data or final or time.monotonic() >= deadline:
+        if data or final or state["state"] != began or time.monotonic() >= deadline:
             return {"data": base64.b64encode(data).decode("ascii"), "offset": end,
                     "done": final and drained, "state": state}
         time.sleep(0.1)

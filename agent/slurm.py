@@ -48,7 +48,7 @@ ACTIVE = ("RUNNING", "CONFIGURING", "COMPLETING", "SIGNALING", "STAGE_OUT")
 FAILED = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
           "PREEMPTED")
 CACHE_S = 2.0      # a followed job asks 10 times a second; slurmctld hears at most this often
-_cache: dict = {}  # slurm job id -> (monotonic time, answer)
+_cache: dict = {}  # slurm job id -> (monotonic time, answer, state.json's state then)
 
 
 # -- submit (login node)
@@ -212,7 +212,8 @@ def judge(path, state):
         marker = {}
     if not marker.get("job_id"):
         return state  # sbatch has not answered yet
-    info = query(marker["job_id"])
+    # A change in state.json (the supervisor started or ended) makes a cached answer stale.
+    info = query(marker["job_id"], seen=state["state"])
     state = dict(state, slurm_job_id=marker["job_id"])
     if info.get("error"):
         return dict(state, slurm_error=info["error"])
@@ -256,11 +257,11 @@ def settle(path, final, error, info):
         return state
 
 
-def query(slurm_id, fresh=False):
+def query(slurm_id, fresh=False, seen=None):
     """{state, reason, restarts, exit_code} from scontrol, else sacct; {state: None} when
     Slurm does not know the job; {error} when Slurm does not answer (state.json stands)."""
     cached = _cache.get(slurm_id)
-    if cached and not fresh and time.monotonic() - cached[0] < CACHE_S:
+    if cached and not fresh and time.monotonic() - cached[0] < CACHE_S and cached[2] == seen:
         return cached[1]
     proc = run(["scontrol", "show", "job", "-o", slurm_id], 30)
     if proc.returncode == 0 and "JobState=" in proc.stdout:
@@ -272,7 +273,7 @@ def query(slurm_id, fresh=False):
         answer = from_sacct(slurm_id)
     else:
         answer = {"error": (proc.stderr or proc.stdout).strip() or "scontrol failed"}
-    _cache[slurm_id] = (time.monotonic(), answer)
+    _cache[slurm_id] = (time.monotonic(), answer, seen)
     return answer
 
 

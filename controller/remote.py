@@ -139,7 +139,8 @@ def _start(ledger: Ledger, job: Job, plan: JobPlan, inputs: list[str], target: H
                         f"was given ({state.get('error')}).",
                         "Drop --no-queue to wait in the host's queue, or try another host.")
     if job.slurm_job_id:
-        log(f"job {job.id} submitted to Slurm on {job.host} as job {job.slurm_job_id}")
+        log(f"job {job.id} submitted to Slurm on {job.host} as job {job.slurm_job_id} "
+            f"({state.get('slurm_state') or 'submitted'})")
     elif job.state == "queued":
         log(f"job {job.id} is queued on {job.host}: it starts when {slots.slots if slots else 1}"
             " slot(s) free up (`cube hosts` shows the queue)")

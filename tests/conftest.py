@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 pytest_plugins: list[str] = ["tests.fixtures.lab", "tests.fixtures.docker",
-                             "tests.fixtures.podman", "tests.fixtures.browser"]
+                             "tests.fixtures.podman", "tests.fixtures.browser", "tests.fixtures.slurm"]
 
 
 def require(condition: bool, why: str) -> None:
