@@ -246,7 +246,7 @@ def test_jobs_with_a_sweep_id_are_grouped_and_the_rest_listed():
     from controller.ui.pages.jobs import _group_sweeps
 
     jobs = [Job(id=f"j{i}", cube="c", host="h", tasks=["t"]) for i in range(3)]
-    jobs[0].sweep = jobs[2].sweep = "lr-sweep"  # type: ignore[attr-defined]  (a future field)
+    jobs[0].sweep = jobs[2].sweep = "lr-sweep"
     singles, sweeps = _group_sweeps(jobs)
     assert [j.id for j in singles] == ["j1"]
     assert {k: [j.id for j in v] for k, v in sweeps.items()} == {"lr-sweep": ["j0", "j2"]}
