@@ -42,4 +42,6 @@ fi
 (( full )) && scripts/cron-up.sh
 # podman, rootful and rootless (for the tests' rootless user); it needs root
 (( full )) && $( [[ $(id -u) -eq 0 ]] || echo sudo ) scripts/podman-up.sh --user cube-rootless
+# Slurm and munge for `cube lab up --slurm` and tests/test_slurm.py (installed, not started)
+(( full )) && scripts/slurm-up.sh
 echo "setup: ready (.venv/bin/cube $(.venv/bin/cube --version | cut -d' ' -f2))"

@@ -161,7 +161,8 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm_home, tmp_path):
                         and remote.status(job)["slurm_job_id"])
     scontrol(slurm_home, "requeue", slurm_id)
     # A requeued job waits (BeginTime) about two minutes before it may start again.
-    wait_for("the requeue", lambda: "Restarts=1" in scontrol(slurm_home, "show", "job", slurm_id))
+    wait_for("the requeue", lambda: "JobState=PENDING" in scontrol(slurm_home, "show", "job",
+                                                                    slurm_id))
     scontrol(slurm_home, "update", f"jobid={slurm_id}", "StartTime=now")
     result = remote.attach(job, Events().sinks())
     assert result.state == "succeeded"
