@@ -28,6 +28,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from mnist_data import DataError, fetch_dataset, load_dataset
+from mnist_distributed import train_distributed
 from mnist_images import IMAGE_SUFFIXES, ImageError, load_digit
 from mnist_train import ConfigError, load_train_config, train
 
@@ -88,7 +89,9 @@ def task_download(args) -> None:
 def task_train(args) -> None:
     cfg = load_train_config(Path(args.train_config))
     data = load_dataset(Path(args.data_dir))
-    metrics = train(cfg, data, Path(args.model_dir), Path(args.log_dir))
+    # TF_CONFIG: one worker of a multi-node run (cube remote run --nodes N); else as ever.
+    run = train_distributed if os.environ.get("TF_CONFIG") else train
+    metrics = run(cfg, data, Path(args.model_dir), Path(args.log_dir))
     log.info("final test accuracy %.4f", metrics["test_accuracy"])
 
 

@@ -127,18 +127,24 @@ def _register_schedule():
     return ExpDecayToBase
 
 
-def build_model(cfg: dict):
+def build_model(cfg: dict, synchronized: bool = False):
+    """`synchronized`: batch norm over the global batch of every worker (multi-worker runs,
+    mnist_distributed), so that its moving statistics stay the same on all of them."""
     import keras
     from keras import layers
+
+    def batch_norm():
+        return layers.BatchNormalization(synchronized=True) if synchronized \
+            else layers.BatchNormalization()
 
     def conv_bn(filters, kernel, strides):
         # The bias is redundant before batch norm, which learns its own shift.
         return [layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False),
-                layers.BatchNormalization(), layers.ReLU()]
+                batch_norm(), layers.ReLU()]
 
     model = keras.Sequential([
         keras.Input((28, 28, 1)), *conv_bn(6, 3, 1), *conv_bn(12, 6, 2), *conv_bn(24, 6, 2),
-        layers.Flatten(), layers.Dense(200, use_bias=False), layers.BatchNormalization(),
+        layers.Flatten(), layers.Dense(200, use_bias=False), batch_norm(),
         layers.ReLU(), layers.Dropout(0.5), layers.Dense(10)], name="mnist_convnet")
     schedule = _register_schedule()(**cfg["learning_rate"])
     optimizer = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
