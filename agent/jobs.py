@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import after
+from . import after, gang
 from .jobstate import (ACTIVE_STATES, DEFAULT_GRACE_S, FINAL_STATES, LAUNCH_WAIT_S, STATE_VERSION,
                        all_states, boot_id, end_if_vanished, existing_job_dir, held_lock,
                        job_dir, load_json, load_state, read_spec, save_json_atomic, scheduler_of,
@@ -36,6 +36,7 @@ def launch(args):
     spec = read_spec(sys.stdin)
     check_spec(spec)
     after.check_spec(spec)
+    gang.check_spec(spec)
     path = job_dir(args.root, spec["job_id"])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:

@@ -21,7 +21,8 @@ from .protocol import AgentError
 
 STATE_VERSION = 1
 FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
-ACTIVE_STATES = ("pending", "queued", "running")  # queued: waiting for slots (leases)
+ACTIVE_STATES = ("pending", "queued", "reserved", "running")  # queued: waiting for slots
+# (leases); reserved: a multi-node rank holding its slots until the gang starts (gang)
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LAUNCH_WAIT_S = 30.0  # how long `launch` waits for the supervisor to report "running"
 DEFAULT_GRACE_S = 10.0

@@ -17,7 +17,7 @@ import subprocess
 import time
 import traceback
 
-from . import after, leases
+from . import after, gang, leases
 from .jobstate import (DEFAULT_GRACE_S, boot_id, existing_job_dir, load_json, save_json_atomic,
                        spec_tasks, utc_now)
 from .protocol import arg, self_argv, verb
@@ -74,6 +74,13 @@ def supervise(args):
         if lease is None:  # cancelled while queued, or busy with --no-queue: it never starts
             end_unstarted(path, state, refused)
             return None
+    if spec.get("gang"):  # one rank of a multi-node job: hold the slots until every rank has
+        go_env = gang.wait_for_go(path, spec, state, cancel)  # its own (agent/gang.py)
+        if go_env is None:
+            if lease is not None:
+                lease.release()
+            return None
+        spec["env"] = dict(spec.get("env") or {}, **go_env)
     state.update(state="running", started_at=utc_now(),
                  lease={"slots": lease.slots, "gpus": lease.gpus} if lease else None)
     save_json_atomic(os.path.join(path, "state.json"), state)
