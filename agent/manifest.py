@@ -1,9 +1,13 @@
 """Manifests and plans, shared by both ends of a sync (the host's agent and the controller).
 
 A manifest is {exists, files: {rel: {size, mtime_ns, mode, sha256, blocks?}}, dirs: {rel: mode},
-links: {rel: target}}; `blocks` are sha256 digests per 256 KiB block for files >= 4 MiB. A hash
-cache {rel: [size, mtime_ns, ino, sha256, blocks]} spares re-reading unchanged files. `plan`
-turns two manifests into the ops that make one side a copy of the other.
+links: {rel: target}}. Below 4 MiB `sha256` is the file's sha256; from 4 MiB on the file has
+`blocks` (sha256 per 256 KiB block) and `sha256` is the sha256 of those 32-byte digests in
+order (a hash list): one pass hashes a large file, and a patched file's digest follows from its
+old and new block digests without reading the blocks that did not change. A hash cache
+{rel: [size, mtime_ns, ino, ctime_ns, sha256, blocks]} spares re-reading unchanged files; the
+ctime is in the key so that a file rewritten with its mtime forced back is still hashed again.
+`plan` turns two manifests into the ops that make one side a copy of the other.
 """
 
 from __future__ import annotations
@@ -55,24 +59,62 @@ def ignored_name(name, is_dir, builtin):
     return builtin and (name in IGNORED_DIRS if is_dir else name.endswith(".pyc"))
 
 
-def hash_file(path, with_blocks):
-    """sha256 of a file (and per-block digests) in one pass over large buffers."""
-    # Reads of one block each: a regular file only reads short at its end, so every digest
-    # covers exactly one block.
-    full, blocks, buf, total = hashlib.sha256(), [], bytearray(BLOCK_SIZE), 0
+def list_digest(blocks):
+    """The digest of a large file: sha256 over its block digests (hex strings), in order."""
+    return hashlib.sha256(bytes.fromhex("".join(blocks))).hexdigest()
+
+
+class Digester:
+    """The digest of bytes fed in order: plain sha256 for a small file, block digests and
+    their hash list for a large one (each byte is hashed once either way)."""
+
+    def __init__(self, size):
+        self.big = size >= BLOCK_THRESHOLD
+        self.full = hashlib.sha256()   # small files only
+        self.block, self.in_block, self.blocks = hashlib.sha256(), 0, []
+
+    def update(self, data):
+        if not self.big:
+            self.full.update(data)
+            return
+        view, start = memoryview(data), 0
+        while start < len(view):
+            end = min(len(view), start + BLOCK_SIZE - self.in_block)
+            self.block.update(view[start:end])
+            self.in_block += end - start
+            start = end
+            if self.in_block == BLOCK_SIZE:
+                self.add_block(self.block.hexdigest())
+
+    def add_block(self, digest):
+        """A whole block's digest (hashed here, or known from a cache)."""
+        self.blocks.append(digest)
+        self.block, self.in_block = hashlib.sha256(), 0
+
+    def result(self):
+        """(sha256, blocks or None)."""
+        if not self.big:
+            return self.full.hexdigest(), None
+        if self.in_block:
+            self.add_block(self.block.hexdigest())
+        return list_digest(self.blocks), self.blocks
+
+
+def hash_file(path):
+    """A file's digest (and block digests when large) in one pass over large buffers."""
+    buf, total = bytearray(BLOCK_SIZE), 0
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
+        digester = Digester(os.fstat(f.fileno()).st_size)
         while True:
             n = f.readinto(buf)
             if not n:
                 break
             total += n
-            full.update(view[:n])
-            if with_blocks:
-                blocks.append(hashlib.sha256(view[:n]).hexdigest())
+            digester.update(view[:n])
     HASH_STATS["files"] += 1
     HASH_STATS["bytes"] += total
-    return full.hexdigest(), (blocks if with_blocks else None)
+    return digester.result()
 
 
 def _walk(top, builtin):
@@ -111,17 +153,23 @@ def write_cache(path, data):
     os.replace(tmp, path)
 
 
+def cache_key(st):
+    """What must be unchanged for a cached digest to hold: size, mtime, inode and ctime (no
+    write or utime leaves a ctime unchanged, so forcing the mtime back cannot hide a change)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
 def _entry(path, st, cache, rel, fresh_before, need_hash):
-    key = [st.st_size, st.st_mtime_ns, st.st_ino]
+    key = cache_key(st)
     # A file written in the last second could change again within the same mtime tick:
     # hash it again next time rather than trust the cache (git's "racy clean" rule).
     cacheable = st.st_mtime_ns < fresh_before
     entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "mode": stat.S_IMODE(st.st_mode)}
     hit = cache.get(rel)
-    if hit and hit[:3] == key:
-        sha, blocks = hit[3], hit[4]
+    if hit and hit[:4] == key:
+        sha, blocks = hit[4], hit[5]
     elif need_hash is None or need_hash(rel, st):
-        sha, blocks = hash_file(path, st.st_size >= BLOCK_THRESHOLD)
+        sha, blocks = hash_file(path)
     else:   # the other side lacks it: the sender hashes while streaming (one read, not two)
         entry.update(sha256=None, key=key if cacheable else None)
         return entry, None
@@ -134,20 +182,23 @@ def _entry(path, st, cache, rel, fresh_before, need_hash):
 def scan(top, cache_file=None, builtin_ignores=True, need_hash=None):
     """Manifest {files: {rel: entry}, dirs: {rel: mode}, links: {rel: target}} of a tree.
     need_hash(rel, stat) -> False leaves an uncached file's sha256 None (see write_stream)."""
-    manifest = {"files": {}, "dirs": {}, "links": {}, "exists": os.path.isdir(top)}
+    files: dict = {}
+    dirs: dict = {}
+    links: dict = {}
+    manifest = {"files": files, "dirs": dirs, "links": links, "exists": os.path.isdir(top)}
     if not manifest["exists"]:
         return manifest
     cache = load_cache(cache_file) if cache_file else {}
     new_cache, fresh_before = {}, time.time_ns() - 1000000000
     for rel, st in _walk(top, builtin_ignores):
         if stat.S_ISDIR(st.st_mode):
-            manifest["dirs"][rel] = stat.S_IMODE(st.st_mode)
+            dirs[rel] = stat.S_IMODE(st.st_mode)
         elif stat.S_ISLNK(st.st_mode):
-            manifest["links"][rel] = os.readlink(os.path.join(top, rel))
+            links[rel] = os.readlink(os.path.join(top, rel))
         elif stat.S_ISREG(st.st_mode):
             entry, cached = _entry(os.path.join(top, rel), st, cache, rel, fresh_before,
                                    need_hash)
-            manifest["files"][rel] = entry
+            files[rel] = entry
             if cached:
                 new_cache[rel] = cached
     if cache_file and new_cache != cache:
@@ -156,7 +207,7 @@ def scan(top, cache_file=None, builtin_ignores=True, need_hash=None):
 
 
 def record_hashes(cache_file, entries):
-    """Add {rel: [size, mtime_ns, ino, sha256, blocks]} rows to a hash cache."""
+    """Add {rel: [size, mtime_ns, ino, ctime_ns, sha256, blocks]} rows to a hash cache."""
     if cache_file and entries:
         cache = load_cache(cache_file)
         cache.update(entries)
@@ -173,7 +224,7 @@ def update_cache(cache_file, top, entries):
             st = os.lstat(os.path.join(top, rel))
         except OSError:
             continue
-        cache[rel] = [st.st_size, st.st_mtime_ns, st.st_ino, sha, blocks]
+        cache[rel] = cache_key(st) + [sha, blocks]
     write_cache(cache_file, json.dumps(cache).encode())
 
 
@@ -209,9 +260,14 @@ def plan(src, dst, delete):
     return ops
 
 
-
-
 def cache_file(directory, root):
-    """The hash cache of one synced folder: ROOT/cache/hashes-<16 hex of its real path>.json."""
+    """The hash cache of one synced folder: ROOT/cache/hashes-v2-<16 hex of its real path>.json
+    (v2: ctime in the key, hash lists for large files; older caches are simply not read)."""
     key = hashlib.sha256(os.path.realpath(directory).encode()).hexdigest()[:16]
-    return os.path.join(root, "cache", "hashes-%s.json" % key)
+    return os.path.join(root, "cache", "hashes-v2-%s.json" % key)
+
+
+def cached_blocks(cache, rel, st):
+    """The block digests a cache holds for a file whose stat still matches, else None."""
+    hit = cache.get(rel)
+    return hit[5] if hit and hit[:4] == cache_key(st) and hit[5] else None

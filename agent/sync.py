@@ -9,8 +9,18 @@ import json
 import os
 import sys
 
-from .manifest import (BLOCK_SIZE, BLOCK_THRESHOLD, HASH_STATS, cache_file, changed_blocks,
-                       check_link, check_rel, plan, record_hashes, scan)
+from .manifest import (
+    BLOCK_SIZE,
+    BLOCK_THRESHOLD,
+    HASH_STATS,
+    cache_file,
+    changed_blocks,
+    check_link,
+    check_rel,
+    plan,
+    record_hashes,
+    scan,
+)
 from .protocol import AgentError, arg, verb
 from .tarstream import apply_stream, write_stream
 

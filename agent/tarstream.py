@@ -7,14 +7,24 @@ checking every path and landing every file by temp name + sha256 check + fsync +
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 import tarfile
 import threading
 
-from .manifest import (BLOCK_SIZE, BLOCK_THRESHOLD, IO_CHUNK, TMP_PREFIX, changed_blocks,
-                       check_link, check_rel, update_cache)
+from .manifest import (
+    BLOCK_SIZE,
+    IO_CHUNK,
+    TMP_PREFIX,
+    Digester,
+    cached_blocks,
+    changed_blocks,
+    check_link,
+    check_rel,
+    load_cache,
+    update_cache,
+)
+from .patch import patch_from_cache
 from .protocol import AgentError
 
 # Data reaches the disk before its rename. CUBE_SYNC_FSYNC=0 (benchmarks only) measures its cost.
@@ -23,7 +33,7 @@ _tmp_counter = [0]
 
 # -- sending --
 
-class TarWriter(object):
+class TarWriter:
     """A minimal pax tar writer straight onto the output: tarfile's stream mode re-buffers
     (and copies) every byte, which costs more than hashing it."""
 
@@ -65,25 +75,23 @@ def _info(rel, op, payload=0, **pax):
     return ti
 
 
-def _hashing(chunks, full, blocks):
-    """Pass chunks (one block each) through, hashing them on the way."""
+def _hashing(chunks, digester):
+    """Pass chunks through, hashing them on the way."""
     for chunk in chunks:
-        full.update(chunk)
-        if blocks is not None:
-            blocks.append(hashlib.sha256(chunk).hexdigest())
+        digester.update(chunk)
         yield chunk
 
 
 def _add_hashed_file(tar, f, rel, entry, meta):
-    """Stream a file not hashed yet; its sha256 follows in a `commit` member."""
-    size, full = entry["size"], hashlib.sha256()
-    blocks = [] if size >= BLOCK_THRESHOLD else None
+    """Stream a file not hashed yet; its digest follows in a `commit` member."""
+    size, digester = entry["size"], Digester(entry["size"])
     del meta["sha256"]
-    chunks = _hashing(tar.ranges(f, [(0, size)], BLOCK_SIZE), full, blocks)
+    chunks = _hashing(tar.ranges(f, [(0, size)], BLOCK_SIZE), digester)
     tar.addfile(_info(rel, "file", size, **meta), chunks)
-    tar.addfile(_info(rel, "commit", sha256=full.hexdigest()))
+    sha, blocks = digester.result()
+    tar.addfile(_info(rel, "commit", sha256=sha))
     key = entry.get("key")
-    return {rel: key + [full.hexdigest(), blocks]} if key else {}
+    return {rel: key + [sha, blocks]} if key else {}
 
 
 def _add_file(tar, top, rel, entry, base_blocks):
@@ -107,7 +115,8 @@ def _add_file(tar, top, rel, entry, base_blocks):
 def write_stream(top, ops, out, manifest):
     """Write the sync stream for ops (entries taken from top's manifest) to a binary file.
     Returns hash-cache rows for files hashed while streaming."""
-    tar, hashed = TarWriter(out), {}
+    tar = TarWriter(out)
+    hashed: dict = {}
     for op in ops:
         hashed.update(_add_op(tar, top, op, manifest) or {})
     tar.close()
@@ -170,37 +179,34 @@ def clean_stale_tmp(top):
 
 def _hash_and_write(src, fd, size, progress):
     """Copy size bytes from src to fd, hashing as we go (block digests for large files)."""
-    full, blocks, left = hashlib.sha256(), [], size
-    block = hashlib.sha256() if size >= BLOCK_THRESHOLD else None
-    in_block = 0
+    digester, left, flushed = Digester(size), size, 0
     while left:
         data = src.read(min(IO_CHUNK, left))
         if not data:
             raise AgentError("The sync stream ended early (connection cut?).",
                              "Run the sync again; it resumes where it stopped.")
         left -= len(data)
-        full.update(data)
-        if block is not None:
-            for piece in _split_blocks(data, in_block):
-                block.update(piece)
-                in_block += len(piece)
-                if in_block == BLOCK_SIZE:
-                    blocks.append(block.hexdigest())
-                    block, in_block = hashlib.sha256(), 0
+        digester.update(data)
         _write_all(fd, data)
         if progress:
             progress(len(data))
-    if block is not None and in_block:
-        blocks.append(block.hexdigest())
-    return full.hexdigest(), (blocks if block is not None else None)
+        flushed = _start_writeback(fd, flushed, size - left)
+    return digester.result()
 
 
-def _split_blocks(data, in_block):
-    view, start = memoryview(data), 0
-    while start < len(data):
-        end = min(len(data), start + BLOCK_SIZE - in_block)
-        yield view[start:end]
-        start, in_block = end, 0
+WRITEBACK_CHUNK = 8 << 20
+
+
+def _start_writeback(fd, flushed, written):
+    """Start writing a large file's data to disk as it arrives (asynchronously), so that the
+    fsync before its rename waits for the last few MiB, not for all of it. Returns the offset
+    up to which writeback was started."""
+    if not FSYNC or written - flushed < WRITEBACK_CHUNK or not hasattr(os, "posix_fadvise"):
+        return flushed
+    # On Linux, DONTNEED starts writeback of dirty pages in the range (WB_SYNC_NONE) and drops
+    # only pages that are already clean; it never loses data.
+    os.posix_fadvise(fd, flushed, written - flushed, os.POSIX_FADV_DONTNEED)
+    return written
 
 
 def _write_all(fd, data):
@@ -220,19 +226,21 @@ def _finish(tmp, dest, rel, pax, got_sha, finisher):
     finisher.submit(tmp, dest)
 
 
-class Finisher(object):
+class Finisher:
     """fsync then rename verified temp files on worker threads: the stream keeps flowing, and
     concurrent fsyncs share journal commits (one fsync per small file in a row costs ms each)."""
 
     def __init__(self, workers=16):
+        self.dirs = set()   # every folder a file was renamed into: fsynced once at the end
         # Imported here: 17 ms of start-up that only receivers need (every agent start pays
         # for module-level imports, and most verbs never apply a stream).
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
         self.pool = ThreadPoolExecutor(workers)
         self.futures, self.errors, self.landed = [], [], set()
         self.lock = threading.Lock()
 
     def submit(self, tmp, dest):
+        self.dirs.add(os.path.dirname(dest))
         self.futures.append(self.pool.submit(self._land, tmp, dest))
 
     def _land(self, tmp, dest):
@@ -252,10 +260,25 @@ class Finisher(object):
                 self.errors.append(err)
 
     def close(self):
-        """Wait until every file has landed; raise the first failure."""
+        """Wait until every file has landed, make the renames durable (one fsync per folder,
+        not per file); raise the first failure."""
         self.pool.shutdown(wait=True)
+        if FSYNC:
+            for folder in self.dirs:
+                _fsync_dir(folder, self.errors)
         if self.errors:
             raise self.errors[0]
+
+
+def _fsync_dir(folder, errors):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        errors.append(err)
 
 
 def _receive_file(tar, member, dest, rel, progress, finisher, pending):
@@ -276,15 +299,18 @@ def _receive_file(tar, member, dest, rel, progress, finisher, pending):
     return sha, blocks
 
 
-def _receive_patch(tar, member, dest, rel, progress, finisher):
-    """New file = old blocks + received blocks, built in one pass that hashes as it writes."""
+def _receive_patch(tar, member, dest, rel, progress, finisher, cache):
+    """New file = old blocks + received blocks. When the hash cache still vouches for the old
+    file's block digests, unchanged blocks are copied in the kernel and never read here;
+    otherwise one pass reads, hashes and writes them all."""
     pax = member.pax_headers
     try:
-        if not stat.S_ISREG(os.lstat(dest).st_mode):
+        st = os.lstat(dest)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
     except OSError:
         raise AgentError("A block patch for '%s' arrived but there is no regular file to patch."
-                         % rel, "Run the sync again; it sends the whole file.")
+                         % rel, "Run the sync again; it sends the whole file.") from None
     size = int(pax["CUBE.size"])
     changed = set(int(i) for i in pax["CUBE.blocks"].split(",") if i)
     tmp = _tmp_name(dest)
@@ -292,8 +318,13 @@ def _receive_patch(tar, member, dest, rel, progress, finisher):
     try:
         try:
             with open(dest, "rb", buffering=0) as old:
-                pieces = _patched_blocks(old, tar, changed, size, progress)
-                sha, blocks = _hash_and_write(_Chunks(pieces), fd, size, None)
+                known = cached_blocks(cache, rel, os.fstat(old.fileno()))
+                if known is not None and cached_blocks(cache, rel, st) is not None:
+                    sha, blocks = patch_from_cache(old.fileno(), fd, tar, changed, size, known,
+                                                   progress)
+                else:
+                    pieces = _patched_blocks(old, tar, changed, size, progress)
+                    sha, blocks = _hash_and_write(_Chunks(pieces), fd, size, None)
         finally:
             os.close(fd)
         _finish(tmp, dest, rel, pax, sha, finisher)
@@ -319,7 +350,7 @@ def _patched_blocks(old, new, changed, size, progress):
         yield data
 
 
-class _Chunks(object):
+class _Chunks:
     """read() over an iterator of byte strings (each read returns the next one)."""
 
     def __init__(self, it):
@@ -371,7 +402,7 @@ def _check_member(member):
     return op, check_rel(member.name)
 
 
-class TarReader(object):
+class TarReader:
     """Reads a sync stream: per member one pax header ('x') then one ustar header, then data.
     Stricter and far cheaper than tarfile's stream mode (which copies every byte twice more);
     anything else (global headers, GNU long names, ...) surfaces as a refused member type."""
@@ -446,14 +477,16 @@ def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=No
     os.makedirs(top, exist_ok=True)
     top = os.path.realpath(top)
     clean_stale_tmp(top)
-    report, verified, finisher = {"files": 0, "bytes": 0, "deleted": 0}, {}, Finisher()
-    pending = []   # at most one file waiting for its `commit` member
+    report, finisher = {"files": 0, "bytes": 0, "deleted": 0}, Finisher()
+    verified: dict = {}
+    cache = load_cache(cache_file) if cache_file else {}
+    pending: list = []   # at most one file waiting for its `commit` member
     try:
         try:
             tar = TarReader(instream)
             for member in iter(tar.next, None):
                 _apply_member(tar, member, top, allow_delete, progress, finisher, report,
-                              verified, pending)
+                              verified, pending, cache)
             if pending:
                 _commit(None, None, pending, finisher)
         finally:
@@ -462,10 +495,10 @@ def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=No
             finisher.close()   # files verified before a failure still land
     except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
         raise AgentError("The sync stream is damaged or was cut (%s)." % err,
-                         "Run the sync again; files already received are kept.")
+                         "Run the sync again; files already received are kept.") from err
     except OSError as err:
         raise AgentError("Could not write into %s: %s." % (top, err),
-                         "Check free disk space and permissions, then run the sync again.")
+                         "Check free disk space and permissions, then run the sync again.") from err
     finally:
         landed = {rel: v for rel, v in verified.items() if os.path.join(top, rel)
                   in finisher.landed}
@@ -488,7 +521,7 @@ def _commit(member, rel, pending, finisher):
 
 
 def _apply_member(tar, member, top, allow_delete, progress, finisher, report, verified,
-                  pending):
+                  pending, cache):
     op, rel = _check_member(member)
     if pending or op == "commit":
         if not pending:
@@ -501,7 +534,7 @@ def _apply_member(tar, member, top, allow_delete, progress, finisher, report, ve
     if op == "file":
         verified[rel] = _receive_file(tar, member, dest, rel, progress, finisher, pending)
     elif op == "patch":
-        verified[rel] = _receive_patch(tar, member, dest, rel, progress, finisher)
+        verified[rel] = _receive_patch(tar, member, dest, rel, progress, finisher, cache)
     elif op == "link":
         _receive_link(dest, rel, member.pax_headers.get("CUBE.target", ""))
     elif op == "dir":

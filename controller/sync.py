@@ -258,8 +258,14 @@ def _bar(progress, total: int, label: str):
     if progress is False or total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
         yield lambda n: None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TransferSpeedColumn,
-                               TimeRemainingColumn)
+    # Imported here: rich.progress costs start-up time and only a long transfer on a TTY draws.
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(label, total=total)

@@ -105,7 +105,13 @@ def test_manifest_records_files_dirs_links_and_skips_builtin_ignores(work):
     assert set(m["dirs"]) == {"data"}
     assert m["links"] == {"latest": "data/part01.txt"}
     big = m["files"]["big.bin"]
-    assert big["sha256"] == hashlib.sha256((work / "big.bin").read_bytes()).hexdigest()
+    # A large file's digest is the sha256 of its block digests (a hash list), each block's
+    # digest the sha256 of those bytes: every byte is covered, and each is hashed once.
+    data = (work / "big.bin").read_bytes()
+    blocks = [hashlib.sha256(data[i:i + agent.BLOCK_SIZE]).hexdigest()
+              for i in range(0, len(data), agent.BLOCK_SIZE)]
+    assert big["blocks"] == blocks
+    assert big["sha256"] == hashlib.sha256(b"".join(bytes.fromhex(b) for b in blocks)).hexdigest()
     assert len(big["blocks"]) == -(-big["size"] // agent.BLOCK_SIZE)
     assert "blocks" not in m["files"]["main.py"]
     assert m["files"]["run.sh"]["mode"] == 0o755

@@ -1,0 +1,99 @@
+"""The digest caches on both sides of a sync: a file changed with its mtime forced back is
+still found (the ctime is in the cache key), and a block patch on the receiving side copies
+the unchanged blocks without reading them when its cache vouches for them."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from agent import sync as agent
+from agent import tarstream
+from controller import sync
+from tests.test_sync import MiB, host_dir, tree, write
+from tests.test_sync import conn as conn  # noqa: F401 (fixture)
+from tests.test_sync import work as work  # noqa: F401 (fixture)
+
+
+def rewrite_keeping_mtime(path: Path) -> None:
+    """Same size, other bytes, and the old mtime put back (what rsync's quick check misses)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+
+def test_a_host_file_changed_with_its_mtime_forced_back_is_detected_and_sent_again(work, conn):
+    sync.push(conn, work, "cubes/c")
+    assert sync.push(conn, work, "cubes/c").files_sent == 0      # the host's cache is warm
+    for rel in ("main.py", "big.bin"):
+        rewrite_keeping_mtime(host_dir(conn) / rel)
+    report = sync.push(conn, work, "cubes/c")
+    assert report.files_sent == 2
+    assert tree(host_dir(conn)) == tree(work)
+
+
+def test_a_local_file_changed_with_its_mtime_forced_back_is_detected_and_sent(work, conn):
+    sync.push(conn, work, "cubes/c")
+    rewrite_keeping_mtime(work / "data" / "part03.txt")
+    assert sync.push(conn, work, "cubes/c").files_sent == 1
+    assert tree(host_dir(conn)) == tree(work)
+
+
+def patch_in_process(src: Path, dst: Path, cache: str, between=lambda: None) -> dict:
+    """One push from src to dst with both ends in this process (dst with its hash cache);
+    `between` runs after dst's manifest, before the stream is applied."""
+    theirs = agent.scan(str(dst), cache)
+    between()
+    mine = agent.scan(str(src))
+    ops = agent.plan(mine, theirs, delete=True)
+    assert [op for op in ops if op["op"] == "file"] and all(
+        "base_blocks" in op for op in ops if op["op"] == "file")
+    out = io.BytesIO()
+    agent.write_stream(str(src), ops, out, mine)
+    out.seek(0)
+    return agent.apply_stream(str(dst), out, True, cache)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = os.urandom(9 * MiB + 123)
+    write(src / "big.bin", data)
+    write(dst / "big.bin", data)
+    with open(src / "big.bin", "r+b") as f:
+        f.seek(5 * MiB + 7)
+        f.write(os.urandom(3000))
+    os.utime(src / "big.bin", (1e9, 1e9))
+    return src, dst, str(tmp_path / "cache.json")
+
+
+def test_a_patch_copies_unchanged_blocks_without_reading_them_when_the_cache_vouches(
+        pair, monkeypatch):
+    src, dst, cache = pair
+    monkeypatch.setattr(tarstream, "_patched_blocks", None)   # the reading path would fail
+    assert patch_in_process(src, dst, cache)["files"] == 1
+    assert tree(dst) == tree(src)
+    again = agent.scan(str(dst), cache)["files"]["big.bin"]   # cached as it landed
+    assert again == agent.scan(str(src))["files"]["big.bin"]
+
+
+def test_a_patch_reads_the_old_file_when_its_cache_entry_went_stale(pair, monkeypatch):
+    """Changed (mtime forced back) after the manifest: the cache no longer vouches for the old
+    blocks, so they are read and hashed, and the result's digest exposes the change."""
+    src, dst, cache = pair
+    changed = dst / "big.bin"
+    calls = []
+    original = tarstream.patch_from_cache
+    monkeypatch.setattr(tarstream, "patch_from_cache", lambda *a: calls.append(a) or original(*a))
+    with pytest.raises(agent.AgentError, match="wrong sha256"):
+        patch_in_process(src, dst, cache, between=lambda: rewrite_keeping_mtime(changed))
+    assert not calls
+    assert changed.read_bytes()[0] != (src / "big.bin").read_bytes()[0]   # old file kept
+    assert patch_in_process(src, dst, cache)["files"] == 1                # a rerun completes
+    assert tree(dst) == tree(src)
