@@ -7,7 +7,7 @@ tasks, picks a free TCP port on this host and waits in state "reserved" (state.j
 `gang: {rank, world_size, port, hostname}`) for the go file:
 
     ROOT/jobs/<id>/go.json    {"env": {name: value}}   start, with these variables added
-                              {"abort": "why"}         give the slots back, end "failed"
+                              {"abort": "why"}         give the slots back, end "cancelled"
 
 The controller writes the go only once every rank is reserved, so no rank runs (or holds GPUs
 while others run) before the whole gang has its slots. A rank that gets no go within
@@ -81,7 +81,7 @@ def wait_for_go(path, spec, state, cancel):
             return end(path, state, "cancelled", None)
         go = read_go(path)
         if go is not None and "abort" in go:
-            return end(path, state, "failed", "gang aborted: %s" % go["abort"])
+            return end(path, state, "cancelled", "gang aborted: %s" % go["abort"])
         if go is not None:
             env = go.get("env") or {}
             return {str(k): str(v) for k, v in env.items()}

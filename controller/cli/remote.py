@@ -10,8 +10,8 @@ from typing import Callable, List, Optional
 
 import typer
 
+from controller import multinode, remote
 from controller import prune as prune_mod
-from controller import remote
 from controller.cli import app
 from controller.jobs import Ledger
 from controller.sinks import Sinks
@@ -64,6 +64,8 @@ def run_cmd(
                                             help="Slurm hosts: the partition for this run."),
     time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm hosts: the time limit "
                                              "for this run (minutes, or HH:MM:SS)."),
+    nodes: int = typer.Option(1, "--nodes", help="Run one job across N hosts of the selection "
+                              "(gang start; rank env and TF_CONFIG; followed, no --detach)."),
 ) -> None:
     """Sync the cube to HOST, provision its runtime, run the task(s), stream logs, pull outputs."""
     req = remote.RunRequest(
@@ -74,6 +76,8 @@ def run_cmd(
         time=time_limit)
 
     def start() -> int:
+        if nodes != 1:  # controller/multinode.py: one job across several hosts
+            return multinode.run(req, nodes, _sinks()).exit_code
         result = remote.run(req, _sinks())
         if req.detach:
             typer.echo(result.job_id)
