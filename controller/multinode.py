@@ -264,7 +264,9 @@ def run(req: remote.RunRequest, nodes: int, sinks: Sinks) -> remote.RunResult:
             send_go(ranks, gather(ranks, GANG_TIMEOUT_S, sinks.log), sinks.log)
         except BaseException as err:
             cancel_all(ranks, f"the gang did not start: {err}", sinks.log)
-            _end(ledger, job, "failed", None, str(err))
+            interrupted = isinstance(err, KeyboardInterrupt)
+            _end(ledger, job, "cancelled" if interrupted else "failed", None,
+                 "interrupted" if interrupted else str(err))
             raise
         job.state, job.started_at = "running", time.time()
         ledger.save(job)

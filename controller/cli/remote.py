@@ -75,15 +75,25 @@ def run_cmd(
         slots=slots, no_queue=no_queue, labels=list(label or []), partition=partition,
         time=time_limit)
 
+    if nodes != 1:  # controller/multinode.py: one job across several hosts, never detached
+        raise typer.Exit(_multinode(req, nodes))
+
     def start() -> int:
-        if nodes != 1:  # controller/multinode.py: one job across several hosts
-            return multinode.run(req, nodes, _sinks()).exit_code
         result = remote.run(req, _sinks())
         if req.detach:
             typer.echo(result.job_id)
         return result.exit_code
 
     raise typer.Exit(_detachable(start))
+
+
+def _multinode(req: remote.RunRequest, nodes: int) -> int:
+    """Ctrl-C stops a multi-node run: its ranks are cancelled (nothing else would watch them)."""
+    try:
+        return multinode.run(req, nodes, _sinks()).exit_code
+    except KeyboardInterrupt:
+        typer.echo("\ncube: interrupted; the ranks that had started were cancelled.", err=True)
+        return 130
 
 
 def _detachable(follow: Callable[[], int]) -> int:
