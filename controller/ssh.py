@@ -31,7 +31,7 @@ from pathlib import Path
 import paramiko
 import tenacity
 
-from controller import paths, streams
+from controller import paths, ssh_bulk, streams
 from controller.errors import CubeError, HostUnreachable
 from controller.hosts import HostSpec, atomic_write, file_lock, resolve_host
 from controller.target import ExecResult
@@ -84,7 +84,7 @@ def _fingerprint(key: paramiko.PKey) -> str:
 
 # ---- connecting -------------------------------------------------------------------------------
 
-def _open_socket(spec: HostSpec, timeout: float, via: "SSHConnection | None"):
+def _open_socket(spec: HostSpec, timeout: float, via: SSHConnection | None):
     if via is not None:
         try:
             return via.client.get_transport().open_channel(
@@ -115,7 +115,7 @@ def _load_known_hosts(keys: paramiko.HostKeys, path: Path) -> None:
 
 
 def _attempt(spec: HostSpec, accept_new: bool, timeout: float,
-             via: "SSHConnection | None") -> paramiko.SSHClient:
+             via: SSHConnection | None) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
     # cube's own file is loaded last so its entries replace ~/.ssh's for the same name.
     for path in (Path.home() / ".ssh" / "known_hosts", paths.known_hosts_file()):
@@ -175,7 +175,7 @@ def _explain(spec: HostSpec, err: BaseException) -> CubeError:
                            "Check that the host is up and reachable (network, VPN, ProxyJump).")
 
 
-def _jump_for(spec: HostSpec, accept_new: bool, timeout: float) -> "SSHConnection | None":
+def _jump_for(spec: HostSpec, accept_new: bool, timeout: float) -> SSHConnection | None:
     """ProxyJump 'a,b' = reach b through a, then the target through b."""
     if not spec.proxy_jump:
         return None
@@ -187,7 +187,7 @@ def _jump_for(spec: HostSpec, accept_new: bool, timeout: float) -> "SSHConnectio
 
 
 def _connect_client(spec: HostSpec, accept_new: bool, budget: float, retries: int,
-                    via: "SSHConnection | None") -> paramiko.SSHClient:
+                    via: SSHConnection | None) -> paramiko.SSHClient:
     start = time.monotonic()
 
     def attempt() -> paramiko.SSHClient:
@@ -231,6 +231,8 @@ class SSHConnection:
         self.connect_timeout = connect_timeout
         self._accept_new, self._retries = accept_new, retries
         self._sftp: paramiko.SFTPClient | None = None
+        self._bulk: ssh_bulk.OpenSSHBulk | None = None   # OpenSSH master for bulk streams
+        self._bulk_tried = False
 
     def __repr__(self):
         return f"<SSHConnection {self.spec.name} {self.spec.address}>"
@@ -251,6 +253,9 @@ class SSHConnection:
             raise
 
     def close(self) -> None:
+        if self._bulk is not None:
+            self._bulk.close()
+        self._bulk, self._bulk_tried = None, False
         for thing in (self._sftp, self.client, self.jump):
             if thing is not None:
                 try:
@@ -318,7 +323,7 @@ class SSHConnection:
                 raise ConnectionLost(f"Lost the connection to host '{self.spec.name}' while "
                                      f"running `{command}`.", "Reconnect and retry.")
             code = chan.recv_exit_status()
-        except socket.timeout:
+        except TimeoutError:
             note = f"\ntimed out after {timeout:g} s"
             return ExecResult(124, out.decode(errors="replace"),
                               err.decode(errors="replace") + note, timed_out=True)
@@ -348,13 +353,29 @@ class SSHConnection:
             self._sftp = self.transport().open_sftp_client()
         return self._sftp
 
-    def open_stream(self, command: str) -> streams.ChannelStream:
-        """A command whose stdin/stdout carry bulk bytes, on a channel tuned for throughput."""
+    def open_stream(self, command: str) -> streams.Stream:
+        """A command whose stdin/stdout carry bulk bytes: through OpenSSH's client (see
+        controller.ssh_bulk) where it can, else on a paramiko channel tuned for throughput."""
+        bulk = self._openssh_bulk()
+        if bulk is not None:
+            return bulk.open_stream(command)
         try:
             return streams.exec_stream(self.transport(), command)
         except (paramiko.SSHException, OSError, EOFError) as err:
             raise ConnectionLost(f"Lost the connection to host '{self.spec.name}': {err}.",
                                  "Reconnect and retry.") from None
+
+
+    def _openssh_bulk(self) -> ssh_bulk.OpenSSHBulk | None:
+        """The OpenSSH master for bulk streams, started on first use, pinned to the host key
+        this connection verified; None where OpenSSH cannot be used."""
+        if self._bulk is None and not self._bulk_tried:
+            self._bulk_tried = True
+            if ssh_bulk.usable(self.spec):
+                bulk = ssh_bulk.OpenSSHBulk(self.spec, self.transport().get_remote_server_key(),
+                                            self.connect_timeout)
+                self._bulk = bulk if bulk.start() else None
+        return self._bulk
 
 
 def openssh_shell_argv(spec: HostSpec) -> list[str]:

@@ -1,0 +1,68 @@
+"""The OpenSSH bulk path (controller.ssh_bulk) against real sshd hosts: sync goes through it,
+it trusts only the host key the paramiko connection verified, and it goes when the
+connection does."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+
+import paramiko
+import pytest
+
+from controller import ssh_bulk, sync
+from controller.errors import CubeError
+from tests.test_sync import MiB, tree, write  # noqa: F401 (fixture)
+from tests.test_sync import ssh_conn as ssh_conn
+
+pytestmark = pytest.mark.integration
+
+
+def test_large_syncs_go_through_one_pinned_openssh_master(ssh_conn, tmp_path):
+    src = tmp_path / "src"
+    write(src / "big.bin", os.urandom(12 * MiB))        # past the session-stream limit
+    target = f"cubes/bulk-{tmp_path.name}"
+    assert sync.push(ssh_conn, src, target).files_sent == 1
+    bulk = ssh_conn.ssh._bulk
+    assert isinstance(bulk, ssh_bulk.OpenSSHBulk) and bulk.master.poll() is None
+    pinned = open(os.path.join(bulk.dir, "known_hosts")).read().split()
+    key = ssh_conn.client.get_transport().get_remote_server_key()
+    assert pinned == [ssh_bulk.ALIAS, key.get_name(), key.get_base64()]
+    back = tmp_path / "back"
+    assert sync.pull(ssh_conn, target, back).files_sent == 1
+    assert tree(back) == tree(src)
+    folder = bulk.dir
+    ssh_conn.close()
+    assert bulk.master is None and not os.path.exists(folder)   # no master left behind
+
+
+def test_the_openssh_path_refuses_a_host_whose_key_is_not_the_verified_one(ssh_conn):
+    spec = ssh_conn.ssh.spec
+    other = paramiko.Ed25519Key.from_private_key_file(str(write_key(spec)))
+    bulk = ssh_bulk.OpenSSHBulk(spec, other, 10)
+    with pytest.raises(CubeError, match="CHANGED"):
+        bulk.start()
+    assert bulk.master is None and not os.path.exists(bulk.dir)
+
+
+def write_key(spec) -> str:
+    """A fresh ed25519 key (not the host's), through ssh-keygen."""
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "k")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
+    return path
+
+
+def test_bulk_streams_stay_on_paramiko_when_asked(ssh_conn, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUBE_BULK", "paramiko")
+    ssh_conn.reconnect()
+    src = tmp_path / "src"
+    data = os.urandom(10 * MiB)
+    write(src / "f.bin", data)
+    target = f"cubes/para-{tmp_path.name}"
+    assert sync.push(ssh_conn, src, target).files_sent == 1
+    assert ssh_conn.ssh._bulk is None
+    got = ssh_conn.run(["sha256sum", f"{ssh_conn.root}/{target}/f.bin"]).stdout.split()[0]
+    assert got == hashlib.sha256(data).hexdigest()
