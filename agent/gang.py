@@ -38,8 +38,8 @@ def check_spec(spec):
     if not isinstance(gang, dict):
         raise AgentError("launch: field gang must be an object {rank, world_size, go_timeout}.")
     rank, size = gang.get("rank"), gang.get("world_size")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rank, size)) or \
-            not 0 <= rank < size:
+    whole = [v for v in (rank, size) if isinstance(v, int) and not isinstance(v, bool)]
+    if len(whole) != 2 or not 0 <= whole[0] < whole[1]:
         raise AgentError("launch: gang needs whole numbers 0 <= rank < world_size, got %r."
                          % (gang,), hint="e.g. {\"rank\": 1, \"world_size\": 2}")
     timeout = gang.get("go_timeout", DEFAULT_GO_TIMEOUT_S)
