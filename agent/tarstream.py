@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import tarfile
 import threading
 
@@ -41,7 +42,7 @@ class TarWriter:
         self.out, self.buf = out, bytearray(IO_CHUNK)
 
     def addfile(self, info, chunks=()):
-        self.out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self.out.write(_header(info))
         sent = 0
         for chunk in chunks:
             self.out.write(chunk)
@@ -66,6 +67,37 @@ class TarWriter:
                     return
                 yield view[:n]
                 length -= n
+
+
+def _pax_record(key, value):
+    """b"<len> key=value\n", len counting the whole record (its own digits too)."""
+    body = b" %s=%s\n" % (key.encode("utf-8", "surrogateescape"),
+                           value.encode("utf-8", "surrogateescape"))
+    n = len(body) + 1
+    while len(b"%d" % n) + len(body) != n:
+        n += 1
+    return b"%d" % n + body
+
+
+def _ustar(name, size, typeflag):
+    """One ustar header block. The real path and size travel in the pax header before it."""
+    head = struct.pack("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s",
+                       name[:99], b"0000644\0", b"0000000\0", b"0000000\0",
+                       b"%011o\0" % size, b"00000000000\0", b" " * 8, typeflag, b"",
+                       b"ustar\0", b"00", b"", b"", b"", b"", b"", b"")
+    return head[:148] + b"%06o\0 " % sum(head) + head[156:]
+
+
+def _header(info):
+    """pax extended header + ustar header for a member: what tarfile writes for it, built
+    directly (tarfile's generic encoder cost more than the data of a small file)."""
+    pax = dict(info.pax_headers, path=info.name, size=str(info.size))
+    records = b"".join(_pax_record(k, v) for k, v in sorted(pax.items()))
+    name = info.name.encode("utf-8", "surrogateescape")
+    pad = -len(records) % tarfile.BLOCKSIZE
+    return b"".join([_ustar(b"././@PaxHeader", len(records), tarfile.XHDTYPE), records,
+                     tarfile.NUL * pad, _ustar(name, 0 if info.size >= 8 ** 11 else info.size,
+                                               tarfile.REGTYPE)])
 
 
 def _info(rel, op, payload=0, **pax):
@@ -94,11 +126,30 @@ def _add_hashed_file(tar, f, rel, entry, meta):
     return {rel: key + [sha, blocks]} if key else {}
 
 
+SMALL_FILE = 1 << 20   # read whole and hashed before its header: one member, not two
+
+
+def _add_small_file(tar, f, rel, entry, meta):
+    """A small file not hashed yet: read once into memory, hashed, sent with its digest."""
+    data = f.read(entry["size"] + 1)
+    if len(data) != entry["size"]:
+        raise AgentError("'%s' changed size while it was being sent." % rel,
+                         "Run the sync again once the file is no longer being written.")
+    digester = Digester(len(data))
+    digester.update(data)
+    meta["sha256"] = digester.result()[0]
+    tar.addfile(_info(rel, "file", len(data), **meta), [data] if data else [])
+    key = entry.get("key")
+    return {rel: key + [meta["sha256"], None]} if key else {}
+
+
 def _add_file(tar, top, rel, entry, base_blocks):
     path, size = os.path.join(top, rel), entry["size"]
     meta = dict(sha256=entry["sha256"], mode=entry["mode"], mtime_ns=entry["mtime_ns"],
                 size=size)
     with open(path, "rb", buffering=0) as f:
+        if entry["sha256"] is None and size <= SMALL_FILE:
+            return _add_small_file(tar, f, rel, entry, meta)
         if entry["sha256"] is None:
             return _add_hashed_file(tar, f, rel, entry, meta)
         if base_blocks is not None:
