@@ -17,7 +17,8 @@ import io
 import json
 import subprocess
 import tempfile
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import paramiko
 

@@ -78,7 +78,7 @@ def pull(target: Target, remote_dir: str, local_dir, *, paths=None,
     if not remote["exists"]:
         raise CubeError(f"Cannot pull '{remote_dir}': it does not exist on the host.",
                         "Check the job id, or whether the task wrote its outputs.")
-    known = Future()
+    known: Future = Future()
     known.set_result(remote)   # hash only local files the host has in a comparable form
     local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=False,
                        need_hash=_compared(known))
@@ -194,13 +194,12 @@ def _receive_ops(stream, local_dir, ops, tick):
             stream.close_stdin()
         except OSError:
             pass   # the host stopped reading early: what it sent (or its error) tells why
+        local_error: agent.AgentError | None = None
         try:
             result = agent.apply_stream(str(local_dir), counter, allow_delete=False,
                                         cache_file=local_cache_file(local_dir))
         except agent.AgentError as err:
             local_error = err
-        else:
-            local_error = None
         code = stream.wait()
         if code != 0:
             _agent_answer(stream, b"", code)
