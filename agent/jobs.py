@@ -17,10 +17,29 @@ import sys
 import time
 
 from . import after, gang
-from .jobstate import (ACTIVE_STATES, DEFAULT_GRACE_S, FINAL_STATES, LAUNCH_WAIT_S, STATE_VERSION,
-                       all_states, boot_id, end_if_vanished, existing_job_dir, held_lock,
-                       job_dir, load_json, load_state, read_spec, save_json_atomic, scheduler_of,
-                       spec_tasks, supervisor_alive, try_lock, utc_now, with_log_size)
+from .jobstate import (
+    ACTIVE_STATES,
+    DEFAULT_GRACE_S,
+    FINAL_STATES,
+    LAUNCH_WAIT_S,
+    STATE_VERSION,
+    all_states,
+    boot_id,
+    end_if_vanished,
+    existing_job_dir,
+    held_lock,
+    job_dir,
+    load_json,
+    load_state,
+    read_spec,
+    save_json_atomic,
+    scheduler_of,
+    spec_tasks,
+    supervisor_alive,
+    try_lock,
+    utc_now,
+    with_log_size,
+)
 from .leases import check_spec
 from .protocol import AgentError, arg, verb
 from .pruning import record_use
@@ -44,7 +63,7 @@ def launch(args):
     except FileExistsError:
         raise AgentError("job %r already exists under %s." % (spec["job_id"], args.root),
                          hint="job ids are unique: launch with a new id, or follow the existing "
-                              "job with `status %s`" % spec["job_id"])
+                              "job with `status %s`" % spec["job_id"]) from None
     save_json_atomic(os.path.join(path, "spec.json"), spec)
     for folder in spec.get("mkdirs") or []:  # the tasks' output folders, made before they start
         os.makedirs(os.path.join(path, folder), exist_ok=True)

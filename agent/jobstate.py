@@ -222,7 +222,7 @@ def read_spec(stream):
     try:
         spec = json.load(stream)
     except ValueError as err:
-        raise spec_error("on stdin is not valid JSON (%s)." % err)
+        raise spec_error("on stdin is not valid JSON (%s)." % err) from None
     if not isinstance(spec, dict):
         raise spec_error("must be a JSON object.")
     job_dir("", spec.get("job_id"))  # validates the id before anything is created

@@ -34,7 +34,7 @@ class Verb:
         self.in_session = in_session  # whether a session may run it (see agent.session)
 
 
-VERBS = {}  # name -> Verb; filled as the verb modules are imported (see agent.__main__)
+VERBS: dict[str, Verb] = {}  # filled as the verb modules are imported (agent.__main__)
 
 
 def arg(*names, **options):

@@ -18,8 +18,15 @@ import time
 import traceback
 
 from . import after, gang, leases
-from .jobstate import (DEFAULT_GRACE_S, boot_id, existing_job_dir, load_json, save_json_atomic,
-                       spec_tasks, utc_now)
+from .jobstate import (
+    DEFAULT_GRACE_S,
+    boot_id,
+    existing_job_dir,
+    load_json,
+    save_json_atomic,
+    spec_tasks,
+    utc_now,
+)
 from .protocol import arg, self_argv, verb
 
 

@@ -87,7 +87,7 @@ def _fingerprint(key: paramiko.PKey) -> str:
 def _open_socket(spec: HostSpec, timeout: float, via: SSHConnection | None):
     if via is not None:
         try:
-            return via.client.get_transport().open_channel(
+            return via.transport().open_channel(
                 "direct-tcpip", (spec.hostname, spec.port), ("127.0.0.1", 0), timeout=timeout)
         except paramiko.ChannelException as err:  # the jump host could not reach the target
             raise ConnectionRefusedError(f"jump host {via.spec.name}: {err}") from err
@@ -110,7 +110,9 @@ def _load_known_hosts(keys: paramiko.HostKeys, path: Path) -> None:
         except Exception as err:  # paramiko raises several types for malformed lines
             log.warning("%s:%d: ignoring unreadable known_hosts line (%s)", path, number, err)
             continue
-        for name in entry.hostnames if entry else ():
+        if entry is None:   # a comment or blank line
+            continue
+        for name in entry.hostnames:
             keys.add(name, entry.key.get_name(), entry.key)
 
 
@@ -124,7 +126,7 @@ def _attempt(spec: HostSpec, accept_new: bool, timeout: float,
     sock = _open_socket(spec, timeout, via)
     try:
         client.connect(spec.hostname, port=spec.port, username=spec.user, sock=sock,
-                       key_filename=spec.identity_files or None,
+                       key_filename=spec.identity_files or None,  # type: ignore[arg-type]
                        look_for_keys=not spec.identity_files, allow_agent=not spec.identity_files,
                        timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                        channel_timeout=timeout)
@@ -139,7 +141,9 @@ def _attempt(spec: HostSpec, accept_new: bool, timeout: float,
             # e.g. an unreadable key file: an auth problem, retrying would not help
             raise paramiko.AuthenticationException(str(err) or type(err).__name__) from err
         raise
-    client.get_transport().set_keepalive(KEEPALIVE_S)
+    transport = client.get_transport()
+    assert transport is not None  # connect() succeeded
+    transport.set_keepalive(KEEPALIVE_S)
     return client
 
 
@@ -201,7 +205,8 @@ def _connect_client(spec: HostSpec, accept_new: bool, budget: float, retries: in
         stop=tenacity.stop_after_attempt(retries) | tenacity.stop_after_delay(budget),
         wait=tenacity.wait_exponential(multiplier=0.25, max=2.0),
         before_sleep=lambda rs: log.debug("attempt %d to %s failed (%s); retrying",
-                                          rs.attempt_number, spec.name, rs.outcome.exception()),
+                                          rs.attempt_number, spec.name,
+                                          rs.outcome.exception() if rs.outcome else None),
         reraise=True)
     try:
         return retrying(attempt)

@@ -17,6 +17,7 @@ import io
 import json
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -38,6 +39,9 @@ class Stream(Protocol):
     def close(self) -> None: ...
 
 
+_CIPHER_TRIED: weakref.WeakSet[paramiko.Transport] = weakref.WeakSet()  # re-keyed once each
+
+
 def tune_transport(transport: paramiko.Transport) -> paramiko.Transport:
     """Large windows and packets for new channels; no volume-triggered re-key from our side."""
     transport.default_window_size = WINDOW
@@ -45,8 +49,8 @@ def tune_transport(transport: paramiko.Transport) -> paramiko.Transport:
     packetizer = transport.packetizer
     packetizer.REKEY_BYTES = packetizer.REKEY_PACKETS = NO_REKEY
     packetizer.REKEY_BYTES_OVERFLOW_MAX = packetizer.REKEY_PACKETS_OVERFLOW_MAX = NO_REKEY
-    if not getattr(transport, "_cube_cipher_tried", False):
-        transport._cube_cipher_tried = True
+    if transport not in _CIPHER_TRIED:
+        _CIPHER_TRIED.add(transport)
         _prefer_gcm(transport)
     return transport
 
@@ -126,16 +130,18 @@ class ProcessStream:
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._err)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # PIPEs above
+        self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
 
     def write(self, data) -> int:
-        self.proc.stdin.write(data)
+        self._stdin.write(data)
         return len(data)
 
     def close_stdin(self) -> None:
-        self.proc.stdin.close()
+        self._stdin.close()
 
     def read(self, n: int = -1) -> bytes:
-        return self.proc.stdout.read(n)
+        return self._stdout.read(n)
 
     def wait(self) -> int:
         return self.proc.wait()
@@ -168,7 +174,7 @@ class SessionStream:
     def __init__(self, exchange: Callable[[dict], dict], verb_args: list[str]):
         self._exchange, self._verb_args = exchange, [str(a) for a in verb_args]
         self._in, self._out = io.BytesIO(), io.BytesIO()
-        self._err, self._code = "", None
+        self._err, self._code = "", None   # type: str, int | None
 
     def write(self, data) -> int:
         return self._in.write(data)
@@ -192,7 +198,7 @@ class SessionStream:
     def wait(self) -> int:
         if self._code is None:
             self.close_stdin()
-        return self._code
+        return self._code or 0
 
     def stderr_text(self) -> str:
         return self._err

@@ -22,9 +22,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from controller import agent_bundle, paths
 from controller.errors import CubeError
@@ -114,7 +115,7 @@ class LocalTarget:
             timeout: float | None = None, check: bool = True) -> ExecResult:
         result = self._subprocess(list(argv), input, timeout)
         if check and result.code != 0:
-            what = "did not finish within %g s" % timeout if result.timed_out \
+            what = "did not finish within %s s" % timeout if result.timed_out \
                 else "exited with code %d" % result.code
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
             raise CubeError(f"Command `{shlex.join(argv)}` on {self.name} {what}."

@@ -10,7 +10,7 @@ with the partial output (`run(check=True)` raises CubeError on any non-zero code
 from __future__ import annotations
 
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
 
 import paramiko
 
@@ -18,8 +18,7 @@ from controller import streams
 from controller.agent_client import AgentClient
 from controller.errors import CubeError
 from controller.hosts import HostSpec, resolve_host
-from controller.ssh import (ConnectionLost, SSHConnection, connect_ssh, openssh_shell_argv,
-                            store_host_key)
+from controller.ssh import ConnectionLost, SSHConnection, connect_ssh, openssh_shell_argv, store_host_key
 from controller.target import ExecResult
 
 __all__ = ["ConnectionLost", "HostTarget", "connect", "openssh_shell_argv", "store_host_key"]
