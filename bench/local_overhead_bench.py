@@ -42,12 +42,14 @@ def timed(argv: list[str], **kw) -> float:
 
 
 def direct_argv(cube_dir: Path, task: str, workspace: Path) -> tuple[list[str], Path, dict]:
-    from controller.cube import load_cube
-    from controller.runtimes.python import ensure_local_env, python_task_argv, task_env
+    """The task's own command, as the python runtime prepares it, with its environment."""
+    from controller import local
+    from controller.launchers import task_environment
 
-    cube = load_cube(cube_dir, workspace=workspace)
-    env_dir = ensure_local_env(cube, lambda _m: None)
-    return python_task_argv(cube, task, {}, env_dir), cube.root, task_env(env_dir)
+    plan = local.load_and_plan(local.LocalRequest(cube_dir, task, workspace=workspace),
+                               lambda _m: None)
+    [launch] = local.prepare(plan, lambda _m: None).tasks
+    return launch.argv, Path(launch.cwd), task_environment(launch)
 
 
 def main() -> int:

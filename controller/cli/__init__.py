@@ -73,7 +73,9 @@ def main() -> None:
 
             main_run(sys.argv[2:])
             sys.exit(0)
-        _register(next((a for a in sys.argv[1:] if not a.startswith('-')), None))
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        if command or "--version" not in sys.argv:   # --version needs no command module
+            _register(command)
         rv = app(standalone_mode=False)
         # In non-standalone mode click returns typer.Exit's code instead of exiting.
         sys.exit(rv if isinstance(rv, int) else 0)
