@@ -31,7 +31,7 @@ from pathlib import Path
 import paramiko
 import tenacity
 
-from controller import paths, ssh_bulk, streams
+from controller import channels, paths, ssh_bulk, streams
 from controller.errors import CubeError, HostUnreachable
 from controller.hosts import HostSpec, atomic_write, file_lock, resolve_host
 from controller.target import ExecResult
@@ -365,7 +365,7 @@ class SSHConnection:
         if bulk is not None:
             return bulk.open_stream(command)
         try:
-            return streams.exec_stream(self.transport(), command)
+            return channels.exec_stream(self.transport(), command)
         except (paramiko.SSHException, OSError, EOFError) as err:
             raise ConnectionLost(f"Lost the connection to host '{self.spec.name}': {err}.",
                                  "Reconnect and retry.") from None
