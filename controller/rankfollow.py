@@ -116,7 +116,7 @@ def follow_rank(rank: RankLog, show: Callable[[bytes], None],
             except remote.CONNECTION_ERRORS as err:
                 log(f"rank {rank.index}: connection to {rank.host} lost "
                     f"({type(err).__name__}: {err}); reconnecting")
-                remote._reconnect(rank.target, log)
+                remote.reconnect(rank.target, log)
                 continue
             _append(out, base64.b64decode(answer["data"]), show)
             if answer["done"]:

@@ -62,6 +62,7 @@ class RunRequest:
     sweep: str | None = None      # controller.sweeps: the sweep and variant this job is
     variant: str | None = None
     after: list[str] = field(default_factory=list)  # start once these jobs on the host are final
+    slurm_stage: bool = False     # a Slurm host: write the job only (a sweep's job array submits it)
 
 
 @dataclass
@@ -91,7 +92,7 @@ def run(req: RunRequest, sinks: Sinks) -> RunResult:
     with Ledger() as ledger, _connect(req.host, req.inventory, req.accept_new_host_key,
                                       sinks.log) as target:
         # A Slurm login node is checked before the agent writes anything under its root.
-        slurm.prepare_run(target, req.partition, req.time, cube)
+        slurm.prepare_run(target, req.partition, req.time, cube, stage=req.slurm_stage)
         if req.name:
             running = _running_job_named(target, req.name)
             if running:
@@ -131,7 +132,8 @@ def _start(ledger: Ledger, job: Job, plan: JobPlan, inputs: list[str], target: H
     state = launcher_for(target, slots).launch(target, job.id, job.name, spec)
     job.state = state.get("state", "running")
     job.slurm_job_id = state.get("slurm_job_id")
-    job.launcher = "slurm" if job.slurm_job_id else job.launcher
+    job.launcher = "slurm" if job.slurm_job_id or state.get("scheduler") == "slurm" \
+        else job.launcher
     job.started_at = time.time()
     ledger.save(job)
     if state.get("refused"):
@@ -141,6 +143,8 @@ def _start(ledger: Ledger, job: Job, plan: JobPlan, inputs: list[str], target: H
     if job.slurm_job_id:
         log(f"job {job.id} submitted to Slurm on {job.host} as job {job.slurm_job_id} "
             f"({state.get('slurm_state') or 'submitted'})")
+    elif job.launcher == "slurm":
+        log(f"job {job.id} staged on {job.host}; it is submitted with the sweep's job array")
     elif job.state == "queued":
         log(f"job {job.id} is queued on {job.host}: it starts when {slots.slots if slots else 1}"
             " slot(s) free up (`cube hosts` shows the queue)")
@@ -235,7 +239,7 @@ def _follow(target: HostTarget, job: Job, sinks: Sinks) -> dict:
             except CONNECTION_ERRORS as err:
                 sinks.log(f"connection to {job.host} lost ({type(err).__name__}: {err}); "
                           "reconnecting")
-                _reconnect(target, sinks.log)
+                reconnect(target, sinks.log)
                 continue
             _append_at(out, offset, base64.b64decode(answer["data"]))
             _show_new(shown, sinks)
@@ -270,7 +274,9 @@ def _read_log(target: HostTarget, job_id: str, offset: int) -> dict:
                         str(FOLLOW_WINDOW_S), timeout=READ_TIMEOUT_S)
 
 
-def _reconnect(target: HostTarget, log: Callable[[str], None]) -> None:
+def reconnect(target: HostTarget, log: Callable[[str], None]) -> None:
+    """Reconnect a dropped link, retrying for up to CUBE_RECONNECT_BUDGET seconds (default 600);
+    HostUnreachable once that is spent. The single-host follow and each rank's follower use it."""
     deadline = time.monotonic() + RECONNECT_BUDGET_S
     while True:
         try:
