@@ -82,6 +82,82 @@ def slurm_submit(args):
     return with_log_size(path, judge(path, load_json(os.path.join(path, "state.json"))))
 
 
+@verb("slurm-stage")
+def slurm_stage(args):
+    """stdin: {"spec": <job spec>, "sbatch": [extra sbatch args]}. Writes the job folder as
+    slurm-submit does (state `queued`, `slurm.json` with no Slurm id yet, keeping the sbatch
+    args) but submits nothing: `slurm-array` submits staged jobs together."""
+    try:
+        payload = json.load(sys.stdin)
+    except ValueError as err:
+        raise AgentError("slurm-stage: stdin is not JSON (%s)." % err) from None
+    spec = read_spec(io.StringIO(json.dumps(payload.get("spec"))))
+    for key in ("slots", "total_slots", "no_queue", "after"):
+        spec.pop(key, None)
+    path = make_job_dir(args.root, spec)
+    save_json_atomic(os.path.join(path, MARKER), {"job_id": None,
+                                                  "sbatch_args": payload.get("sbatch") or []})
+    return with_log_size(path, load_json(os.path.join(path, "state.json")))
+
+
+@verb("slurm-array")
+def slurm_array(args):
+    """stdin: {"name", "jobs": [staged job ids], "max_parallel": N or null}. Submits ONE job
+    array (the first job's staged sbatch args; `--array=0-K%N`) whose task i runs `slurm-run
+    JOBS[i]`; each job's slurm.json then names `<array id>_<i>`. Answers {"array_job_id",
+    "jobs": {job id: its state}}."""
+    try:
+        payload = json.load(sys.stdin)
+    except ValueError as err:
+        raise AgentError("slurm-array: stdin is not JSON (%s)." % err) from None
+    jobs = list(payload.get("jobs") or [])
+    if not jobs:
+        raise AgentError("slurm-array: no jobs given.")
+    paths = [existing_job_dir(args.root, job) for job in jobs]
+    folder = os.path.join(args.root, "slurm-arrays", jobs[0])
+    os.makedirs(folder, exist_ok=True)
+    table = os.path.join(folder, "jobs.txt")
+    with open(table, "w") as out:
+        out.write("".join("%s %s\n" % (job, path) for job, path in zip(jobs, paths)))
+    script = os.path.join(folder, "slurm.sh")
+    with open(script, "w") as out:
+        out.write(array_script(args.root, table))
+    throttle = "%%%d" % payload["max_parallel"] if payload.get("max_parallel") else ""
+    argv = ["sbatch", "--parsable", "--array=0-%d%s" % (len(jobs) - 1, throttle),
+            "--job-name=" + str(payload.get("name") or jobs[0]), "--chdir=" + folder,
+            "--output=" + os.path.join(folder, "slurm-%a.out"), "--open-mode=append",
+            "--requeue", "--signal=B:USR1@90"] + list(
+                load_json(os.path.join(paths[0], MARKER)).get("sbatch_args") or []) + [script]
+    proc = run(argv, 60)
+    if proc.returncode != 0:
+        message = (proc.stderr or proc.stdout).strip()
+        for path in paths:
+            end_state(path, "failed", "sbatch refused the job array: " + message)
+        raise AgentError("sbatch refused the job array: " + message,
+                         hint="sbatch " + " ".join(argv[1:]))
+    array_id = proc.stdout.strip().split(";")[0]
+    states = {}
+    for i, (job, path) in enumerate(zip(jobs, paths)):
+        save_json_atomic(os.path.join(path, MARKER), {
+            "job_id": "%s_%d" % (array_id, i), "array_job_id": array_id, "array_task_id": i,
+            "submitted_at": utc_now(), "sbatch": argv})
+        states[job] = with_log_size(path, judge(path, load_json(os.path.join(path,
+                                                                              "state.json"))))
+    return {"array_job_id": array_id, "jobs": states}
+
+
+def array_script(root, table):
+    """Array task i runs the supervisor of the table's line i+1 (`JOB FOLDER`), exec'd as in
+    batch_script, with its output in that job's own slurm.out."""
+    argv = ["python3"] + self_argv()[1:] + ["--root", root, "slurm-run"]
+    return ("#!/bin/sh\n# cube job array, submitted by the cube agent's slurm-array\n"
+            "set -- $(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" %s)\n"
+            "[ -n \"$2\" ] || { echo \"cube: no job for array task $SLURM_ARRAY_TASK_ID\" >&2; "
+            "exit 1; }\n"
+            "cd \"$2\" && exec >>\"$2/slurm.out\" 2>&1\nexec %s \"$1\"\n"
+            % (quote(table), " ".join(quote(a) for a in argv)))
+
+
 def make_job_dir(root, spec):
     path = job_dir(root, spec["job_id"])
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -223,6 +299,9 @@ def judge(path, state):
                       if final == "lost" else None, info)
     slurm_state = info["state"]
     state.update(slurm_state=slurm_state, requeues=info.get("restarts", state.get("requeues")))
+    if info.get("array_job_id"):
+        state.update(slurm_array_job_id=info["array_job_id"],
+                     slurm_array_task_id=info.get("array_task_id"))
     if slurm_state in WAITING:
         return dict(state, state="queued", reason=reason_of(info))
     if slurm_state in ACTIVE or slurm_state not in FAILED + ("COMPLETED", "CANCELLED"):
@@ -251,6 +330,9 @@ def settle(path, final, error, info):
                      slurm_job_id=load_json(os.path.join(path, MARKER)).get("job_id"),
                      requeues=info.get("restarts", state.get("requeues") or 0),
                      reason=reason_of(info), ended_at=state.get("ended_at") or utc_now())
+        if info.get("array_job_id"):
+            state.update(slurm_array_job_id=info["array_job_id"],
+                         slurm_array_task_id=info.get("array_task_id"))
         if error:
             state["error"] = error
         save_json_atomic(os.path.join(path, "state.json"), state)
@@ -269,6 +351,9 @@ def query(slurm_id, fresh=False, seen=None):
         answer = {"state": fields.get("JobState"), "reason": fields.get("Reason"),
                   "restarts": int(fields.get("Restarts") or 0),
                   "exit_code": fields.get("ExitCode")}
+        if fields.get("ArrayJobId"):  # a task of a job array (scontrol reports each task)
+            answer.update(array_job_id=fields["ArrayJobId"],
+                          array_task_id=fields.get("ArrayTaskId"))
     elif "Invalid job id" in proc.stderr:
         answer = from_sacct(slurm_id)
     else:

@@ -45,6 +45,7 @@ class SlurmSettings:
     sbatch_args: list[str] = field(default_factory=list)
     shared_root: str | None = None
     gpus: int = 0                 # this run's accelerator count (--gres=gpu:N)
+    stage: bool = False           # a sweep's variant: write the job, submit it in an array
     # Where each value came from, for errors: "hosts.NAME.partition" or "--partition".
     origin: dict[str, str] = field(default_factory=dict)
     inventory: Path | None = None
@@ -175,8 +176,9 @@ class SlurmLauncher:
 
     def launch(self, target: Target, job_id: str, name: str | None, spec: LaunchSpec) -> dict:
         payload = {"spec": spec.agent_spec(job_id, name), "sbatch": self.settings.sbatch()}
+        verb = "slurm-stage" if self.settings.stage else "slurm-submit"
         try:
-            return target.agent("slurm-submit", input=json.dumps(payload).encode())
+            return target.agent(verb, input=json.dumps(payload).encode())
         except ConfigError:
             raise
         except CubeError as err:
@@ -197,6 +199,22 @@ class SlurmLauncher:
                          "Check the host's sbatch_args and Slurm settings in the inventory.")
 
 
+def submit_array(target: Target, host: str, name: str, jobs: list[str],
+                 max_parallel: int | None) -> dict:
+    """ONE job array for jobs staged on this login node (`slurm-stage`): task i runs jobs[i],
+    at most `max_parallel` at once (`--array=0-K%N`). {array_job_id, jobs: {id: state}}."""
+    payload = {"name": name, "jobs": jobs, "max_parallel": max_parallel}
+    try:
+        return target.agent("slurm-array", input=json.dumps(payload).encode())
+    except ConfigError:
+        raise
+    except CubeError as err:
+        settings = settings_of(target)
+        if settings is None:
+            raise
+        raise SlurmLauncher(settings, host)._refusal(str(err)) from None
+
+
 def settings_of(target: object) -> SlurmSettings | None:
     """A host target's Slurm settings (None for any other target)."""
     spec = getattr(target, "spec", None)
@@ -212,9 +230,11 @@ def launcher_for(target: object) -> SlurmLauncher | None:
 
 # ---- a run on a Slurm host (controller.remote) ---------------------------------------------------
 
-def prepare_run(target: object, partition: str | None, time: str | None, cube: object) -> None:
+def prepare_run(target: object, partition: str | None, time: str | None, cube: object,
+                stage: bool = False) -> None:
     """For a Slurm host: this run's overrides, then the login node's checks. Other hosts: no
-    --partition/--time (they mean nothing there)."""
+    --partition/--time (they mean nothing there). `stage`: write the job, submit nothing (a
+    sweep then submits its variants as one array, `submit_array`)."""
     settings = settings_of(target)
     if settings is None:
         if partition is not None or time is not None:
@@ -224,6 +244,7 @@ def prepare_run(target: object, partition: str | None, time: str | None, cube: o
     platform = getattr(cube, "platform", {}) or {}
     apply_overrides(settings, partition=partition, time=time,
                     gpus=int(platform.get("accelerator_count") or 0))
+    settings.stage = stage
     check_login_node(target, settings, getattr(target, "spec").name)  # type: ignore[arg-type]  # noqa: B009
 
 
