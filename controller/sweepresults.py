@@ -60,7 +60,8 @@ def rows(spec: dict, latest: dict[str, Job]) -> list[dict[str, Any]]:
                     "host": job.host if job else None, "state": state,
                     "exit_code": job.exit_code if job else None, "values": variant["values"],
                     "metrics": metrics, "folder": str(workspace / variant["folder"]),
-                    "error": None if job else variant.get("error")})
+                    "error": None if job else variant.get("error"),
+                    "slurm_job": job.slurm_job_id if job else None})
     return out
 
 

@@ -12,6 +12,11 @@
 `--max-parallel N` without a daemon: the variants are dealt to N lanes; a lane's first variant
 is placed like any job, and each later one goes to the same host with `after: [the lane's
 previous job]`, so that host's agent starts it only once that job is final (agent/after.py).
+
+A sweep whose host is a Slurm login node is ONE Slurm job array instead: each variant's job is
+prepared as any (synced, provisioned, its folder written) but only staged (`slurm-stage`), then
+one `slurm-array` submits them all with `--array=0-K%N` (N: --max-parallel); each variant keeps
+its own cube job, and its ledger row the array task's Slurm id `<array>_<i>`.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from typing import Any
 
 import yaml
 
-from controller import placement, remote, sweepgrid, sweepstate
+from controller import placement, remote, slurm, sweepgrid, sweepstate
 from controller.cube import Cube, Param, load_cube
 from controller.errors import CubeError
-from controller.hosts import atomic_write
+from controller.hosts import atomic_write, resolve_host
 from controller.jobs import Job, Ledger, redact
 from controller.plan import JobPlan, plan_job
 from controller.selectors import select_hosts
@@ -239,12 +244,17 @@ def submit(spec: dict, names: list[str], sinks: Sinks, *, first_fatal: bool,
     error (no host fits, say) would be every variant's. `overrides`: the variants' own, when
     the spec's are redacted."""
     variants = {v["name"]: v for v in spec["variants"]}
+    array = _on_slurm(spec)
+    staged: dict[str, str] = {}   # variant -> its staged job (a Slurm host's array)
     for i, name in enumerate(names):
         variant = variants[name]
-        lane = spec["lanes"][variant["lane"]] if variant.get("lane") is not None else None
+        lane = spec["lanes"][variant["lane"]] if variant.get("lane") is not None and not array \
+            else None
         params = (overrides or {}).get(name, variant["overrides"])
         try:
-            result = remote.run(_run_request(spec, variant, lane, params), _prefixed(sinks, name))
+            request = _run_request(spec, variant, lane, params)
+            request.slurm_stage = array
+            result = remote.run(request, _prefixed(sinks, name))
         except CubeError as err:
             variant["error"] = str(err)
             _save(spec)
@@ -257,7 +267,54 @@ def submit(spec: dict, names: list[str], sinks: Sinks, *, first_fatal: bool,
             with Ledger() as ledger:
                 lane.update(host=ledger.get(result.job_id).host, tail=result.job_id)
         _save(spec)
-        sinks.log(f"{name}: job {result.job_id} {result.state}")
+        if array:
+            staged[name] = result.job_id
+        else:
+            sinks.log(f"{name}: job {result.job_id} {result.state}")
+    if staged:
+        _submit_array(spec, staged, sinks, first_fatal=first_fatal)
+
+
+def _on_slurm(spec: dict) -> bool:
+    """The sweep names one host (no selection) and it is a Slurm login node."""
+    if placement.is_selection(spec["host"], spec["labels"]):
+        return False
+    try:
+        host = resolve_host(spec["host"], Path(spec["inventory"]) if spec["inventory"] else None)
+    except CubeError:
+        return False
+    return host.slurm is not None
+
+
+def _submit_array(spec: dict, staged: dict[str, str], sinks: Sinks, *, first_fatal: bool) -> None:
+    """The staged variants' jobs as ONE Slurm job array; each job's ledger row gets its array
+    task's id `<array>_<i>`. A refusal fails every staged variant (its job is `failed`)."""
+    jobs = list(staged.values())
+    with Ledger() as ledger:
+        first = ledger.get(jobs[0])
+        try:
+            with remote.connect_for(first, sinks.log) as target:
+                answer = slurm.submit_array(target, first.host, spec["id"], jobs,
+                                            spec.get("max_parallel"))
+        except CubeError as err:
+            for job_id in jobs:
+                job = ledger.get(job_id)
+                job.state, job.reason = "failed", str(err)
+                ledger.save(job)
+            if first_fatal:
+                raise
+            sinks.log(f"the job array did not start: {err}")
+            return
+        for name, job_id in staged.items():
+            state = answer["jobs"].get(job_id, {})
+            job = ledger.get(job_id)
+            job.slurm_job_id = state.get("slurm_job_id")
+            job.state = state.get("state", job.state)
+            ledger.save(job)
+            sinks.log(f"{name}: job {job_id} {job.state} (Slurm array task {job.slurm_job_id})")
+    throttle = f"%{spec['max_parallel']}" if spec.get("max_parallel") else ""
+    sinks.log(f"sweep {spec['id']}: {len(jobs)} variants submitted to Slurm on {first.host} as "
+              f"job array {answer['array_job_id']} (0-{len(jobs) - 1}{throttle})")
 
 
 def _prefixed(sinks: Sinks, name: str) -> Sinks:

@@ -6,6 +6,7 @@ takes about that long; the rest take seconds each.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -14,16 +15,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller import lab_slurm, remote
+from controller import lab_slurm, remote, sweeps
 from controller.errors import ConfigError, CubeError
 from controller.hosts import load_inventory
 from controller.jobs import Ledger
 from controller.sinks import Sinks
 from tests.conftest import REPO
+from tests.test_remote import cube as cube_cli
 
 HELLO = REPO / "cubes" / "hello"
 SLEEPER = REPO / "tests" / "cubes" / "sleeper"
 CHECKPOINTER = REPO / "tests" / "cubes" / "checkpointer"
+TUNER = REPO / "tests" / "cubes" / "tuner"
 
 
 class Events:
@@ -174,6 +177,47 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm_home, tmp_path):
     resumed = int(second.split("resumed from step ")[1].split()[0])
     assert resumed >= 3 and f"step {resumed + 1}" in second
     assert (cube / "workspace" / "result.txt").read_text() == f"steps=8 resumed_from={resumed}\n"
+
+
+def test_a_sweep_of_3_variants_runs_as_one_job_array_throttled_by_max_parallel(slurm_home,
+                                                                              tmp_path):
+    tuner = copy_cube(TUNER, tmp_path)
+    events = Events()
+    req = sweeps.SweepRequest(cube_path=tuner, host="lab1", tasks="tune",
+                              vary=["config:steps=1,2,3"], max_parallel=1)
+    spec = sweeps.start(req, events.sinks())
+    assert sweeps.follow(spec["id"], events.sinks(), poll_s=1.0) == 0, events.text("log")
+    with Ledger() as ledger:
+        jobs = ledger.sweep_jobs(spec["id"])
+    names = [v["name"] for v in spec["variants"]]
+    assert sorted(str(j.variant) for j in jobs) == names
+    assert all(j.state == "succeeded" and j.launcher == "slurm" for j in jobs)
+    # ONE array: each variant's own cube job is the array's task <array>_<i>.
+    array_ids = {str(j.slurm_job_id).split("_")[0] for j in jobs}
+    assert len(array_ids) == 1, [j.slurm_job_id for j in jobs]
+    array = array_ids.pop()
+    assert sorted(j.slurm_job_id for j in jobs) == [f"{array}_{i}" for i in range(3)]
+    assert f"as job array {array} (0-2%1)" in events.text("log")
+    status = json.loads(cube_cli("sweep", "status", spec["id"], "--json").stdout)
+    assert {r["slurm_job"] for r in status["variants_detail"]} == {j.slurm_job_id for j in jobs}
+    root = slurm_home.host("lab1").dir / "root" / "jobs"
+    spans = []
+    for job in jobs:
+        marker = json.loads((root / job.id / "slurm.json").read_text())
+        assert "--array=0-2%1" in marker["sbatch"] and marker["array_job_id"] == array
+        state = remote.status(job.id)   # the agent's verdict, from Slurm's record of the task
+        assert state["slurm_array_job_id"] == array
+        assert state["slurm_job_id"] == f"{array}_{state['slurm_array_task_id']}"
+        task = scontrol(slurm_home, "show", "job", "-o", job.slurm_job_id)
+        assert f"ArrayJobId={array}" in task and f"ArrayTaskId={marker['array_task_id']}" in task
+        spans.append((state["started_at"], state["ended_at"]))
+        assert "tuning with" in host_log(slurm_home, job.id)
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans  # %1
+    for i, name in enumerate(names, 1):   # each variant's outputs came back to its own folder
+        metrics = json.loads((tuner / "workspace" / "sweeps" / spec["id"] / name / "result" /
+                              "metrics.json").read_text())
+        assert metrics["score"] == float(i)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

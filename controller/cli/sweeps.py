@@ -117,7 +117,8 @@ def status_cmd(sweep: str = typer.Argument(..., help="Sweep id or id prefix."),
     table = sweepresults.rows(spec, latest)
     if as_json:
         typer.echo(json.dumps({**_summary(spec, latest), "variants_detail": [
-            {k: r[k] for k in ("variant", "job", "host", "state", "exit_code", "values", "error")}
+            {k: r[k] for k in ("variant", "job", "host", "state", "exit_code", "values", "error",
+                                   "slurm_job")}
             for r in table]}, indent=1, default=str))
         return
     out = _table("variant", "job", "host", "state", *spec["keys"])
