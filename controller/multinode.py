@@ -216,7 +216,8 @@ def write_go(rank: Rank, go: dict) -> None:
     rank.target.put(json.dumps(go).encode(), path)
 
 
-def cancel_all(ranks: list[Rank], why: str, log: Log, skip: int | None = None) -> None:
+def cancel_all(ranks: list[Rank], why: str, log: Log, skip: int | None = None,
+               grace: float = CANCEL_GRACE_S) -> None:
     """Stop every rank (but `skip`) side by side: an abort for one still waiting for its go,
     then the agent's cancel. Errors are logged: one unreachable host stops no other cancel."""
     def stop(rank: Rank) -> None:
@@ -224,8 +225,7 @@ def cancel_all(ranks: list[Rank], why: str, log: Log, skip: int | None = None) -
             return
         try:
             write_go(rank, {"abort": why})
-            rank.target.agent("cancel", rank.job_id, "--grace", str(CANCEL_GRACE_S),
-                              timeout=CANCEL_GRACE_S + 60)
+            rank.target.agent("cancel", rank.job_id, "--grace", str(grace), timeout=grace + 60)
         except Exception as err:  # each host's failure is its own
             log(f"{rank.where}: cancel failed ({err}); `cube remote cancel` it on the host")
 
@@ -270,7 +270,7 @@ def run(req: remote.RunRequest, nodes: int, sinks: Sinks) -> remote.RunResult:
             raise
         job.state, job.started_at = "running", time.time()
         ledger.save(job)
-        return _follow(ledger, job, ranks, sinks)
+        return follow(ledger, job, ranks, sinks)
 
 
 def _close_all(ranks: list[Rank]) -> None:
@@ -320,7 +320,11 @@ def _save_start(ledger: Ledger, job: Job, plan: JobPlan, rank0: Rank,
     ledger.save_record(job.id, record)
 
 
-def _follow(ledger: Ledger, job: Job, ranks: list[Rank], sinks: Sinks) -> remote.RunResult:
+def follow(ledger: Ledger, job: Job, ranks: list[Rank], sinks: Sinks,
+            interrupt_cancels: bool = True) -> remote.RunResult:
+    """Follow every rank to its end (the first to fail has the others cancelled), then end the
+    job and pull rank 0's outputs. Ctrl-C cancels every rank, or with `interrupt_cancels`
+    False (`cube remote attach`) only stops following."""
     logs = [RankLog(r.index, r.spec.name, r.job_id, r.target, job_dir(job.id) / f"rank-{r.index}.log")
             for r in ranks if r.target is not None]
     followers = Followers(logs, Path(job.log_path), sinks)
@@ -328,6 +332,8 @@ def _follow(ledger: Ledger, job: Job, ranks: list[Rank], sinks: Sinks) -> remote
     try:
         bad = followers.wait_first_failure()
     except KeyboardInterrupt:
+        if not interrupt_cancels:
+            raise
         sinks.log("interrupted: cancelling every rank (a multi-node run cannot be detached)")
         cancel_all(ranks, "the controller was interrupted", sinks.log)
         followers.join(CANCEL_GRACE_S + 30)

@@ -6,11 +6,18 @@ same agent session waits at most that long) and appends the bytes to the rank's 
 output sink as `[i] line` and into the job's combined log (`output.log`), under one lock so
 that lines of different ranks never interleave. The first rank to end not succeeded is
 reported at once (`Followers.wait_first_failure`), so the controller can cancel the others.
+
+Several followers of one job (the run's controller, `cube remote attach`, `logs -f`) may share
+the local logs: each appends to a rank's log under a lock only if the file has not grown
+meanwhile (as controller.remote does), and writes to `output.log` only the lines of bytes it
+appended itself, so neither file gets a chunk twice; every follower shows every line.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
+import functools
 import os
 import threading
 import time
@@ -37,6 +44,7 @@ class RankLog:
     final: dict | None = None           # its final state, once it ended
     error: BaseException | None = None  # why following it stopped, if not its end
     partial: bytes = b""                # a line begun but not yet ended
+    wrote: bool = True                  # whether this follower appended its last chunk
 
 
 @dataclass
@@ -71,6 +79,20 @@ class Followers:
                     return None
                 self.changed.wait(1.0)
 
+    def wait_all(self) -> None:
+        """Block until every rank's follower ended (each rank final, or its follow failed)."""
+        for thread in self.threads:
+            while thread.is_alive():
+                thread.join(1.0)  # a bounded join keeps Ctrl-C working
+
+    def catch_up(self) -> None:
+        """Once, without waiting: what each rank's host log has beyond its local copy."""
+        self.combined.parent.mkdir(parents=True, exist_ok=True)
+        for rank in self.ranks:
+            copy_new(rank, functools.partial(self._show, rank))
+            with self.lock:
+                self._show_locked(rank, b"", flush=True)
+
     def join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for thread in self.threads:
@@ -98,8 +120,9 @@ class Followers:
         lines = data[:cut].splitlines(keepends=True)
         text = b"".join(b"[%d] " % rank.index + (line if line.endswith(b"\n") else line + b"\n")
                         for line in lines)
-        with open(self.combined, "ab") as out:
-            out.write(text)
+        if rank.wrote:  # another follower that appended these bytes writes their lines
+            with open(self.combined, "ab") as out:
+                out.write(text)
         self.sinks.output(text)
 
 
@@ -118,13 +141,36 @@ def follow_rank(rank: RankLog, show: Callable[[bytes], None],
                     f"({type(err).__name__}: {err}); reconnecting")
                 remote.reconnect(rank.target, log)
                 continue
-            _append(out, base64.b64decode(answer["data"]), show)
+            _append(rank, out, offset, base64.b64decode(answer["data"]), show)
             if answer["done"]:
                 return answer["state"]
 
 
-def _append(out: BinaryIO, chunk: bytes, show: Callable[[bytes], None]) -> None:
-    if chunk:
-        out.write(chunk)
-        out.flush()
-        show(chunk)
+def copy_new(rank: RankLog, show: Callable[[bytes], None]) -> None:
+    """What the rank's host log has beyond its local copy, appended there and shown."""
+    rank.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(rank.path, "ab") as out:
+        while True:
+            offset = os.fstat(out.fileno()).st_size
+            answer = rank.target.agent("read-log", rank.job_id, "--offset", str(offset),
+                                       "--wait", "0")
+            chunk = base64.b64decode(answer["data"])
+            if not chunk:
+                return
+            _append(rank, out, offset, chunk, show)
+
+
+def _append(rank: RankLog, out: BinaryIO, offset: int, chunk: bytes,
+            show: Callable[[bytes], None]) -> None:
+    """Append `chunk`, read from `offset`, unless another follower appended meanwhile; show it."""
+    if not chunk:
+        return
+    fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+    try:
+        rank.wrote = os.fstat(out.fileno()).st_size == offset
+        if rank.wrote:
+            out.write(chunk)
+            out.flush()
+    finally:
+        fcntl.flock(out.fileno(), fcntl.LOCK_UN)
+    show(chunk)

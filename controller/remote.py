@@ -345,6 +345,9 @@ def attach(ref: str, sinks: Sinks) -> RunResult:
     with Ledger() as ledger:
         job = ledger.get(ref)
         sinks.job_started(job.id)
+        if job.launcher == "gang":  # a multi-node job: every rank's host
+            from controller import gangjobs  # noqa: PLC0415 (only multi-node jobs need it)
+            return gangjobs.attach(ledger, job, sinks)
         with connect_for(job, sinks.log) as target:
             return _attach(ledger, job, sinks, target)
 
@@ -356,6 +359,9 @@ def _attach(ledger: Ledger, job: Job, sinks: Sinks, target: HostTarget) -> RunRe
 def status(ref: str) -> dict:
     with Ledger() as ledger:
         job = ledger.get(ref)
+        if job.launcher == "gang":
+            from controller import gangjobs  # noqa: PLC0415
+            return gangjobs.status(ledger, job)
         with connect_for(job, lambda _m: None) as target:
             state = target.agent("status", job.id)
         if state.get("state") != job.state and not job.finished:
@@ -368,6 +374,9 @@ def status(ref: str) -> dict:
 def cancel(ref: str, grace: float, log: Callable[[str], None]) -> dict:
     with Ledger() as ledger:
         job = ledger.get(ref)
+        if job.launcher == "gang":
+            from controller import gangjobs  # noqa: PLC0415
+            return gangjobs.cancel(ledger, job, grace, log)
         with connect_for(job, log) as target:
             state = target.agent("cancel", job.id, "--grace", str(grace))
         job.state, job.exit_code = state.get("state", job.state), state.get("exit_code")
@@ -379,6 +388,9 @@ def cancel(ref: str, grace: float, log: Callable[[str], None]) -> dict:
 def fetch(ref: str, log: Callable[[str], None]) -> None:
     with Ledger() as ledger:
         job = ledger.get(ref)
+        if job.launcher == "gang":
+            from controller import gangjobs  # noqa: PLC0415
+            return gangjobs.fetch(ledger, job, log)
         with connect_for(job, log) as target:
             pull_outputs(ledger, target, job, log)
 
@@ -387,6 +399,9 @@ def logs(ref: str, follow: bool, sinks: Sinks) -> None:
     """The job's log: the local copy, then (with follow, or if the job may have more) the rest."""
     with Ledger() as ledger:
         job = ledger.get(ref)
+    if job.launcher == "gang":
+        from controller import gangjobs  # noqa: PLC0415
+        return gangjobs.logs(job, follow, sinks)
     path = Path(job.log_path)
     if path.exists():
         sinks.output(path.read_bytes())

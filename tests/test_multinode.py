@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent import leases
-from controller import multinode
+from controller import gangjobs, multinode
 from controller.errors import CubeError
 from controller.fleet import HostReport
 from controller.hosts import HostSpec
@@ -215,6 +215,61 @@ def test_killing_one_ranks_task_cancels_the_other_and_fails_the_job(lab_home, ra
     assert job["state"] == "failed" and "rank 1" in job["reason"]
     rank0 = _rank_state(lab_home, job["id"], 0)
     assert rank0["state"] == "cancelled"
+
+
+@pytest.mark.integration
+def test_status_logs_and_cancel_reach_every_rank_of_a_running_job(lab_home, ranker):
+    (ranker / "workspace" / "plan.txt").write_text("seconds=300\n")
+    proc = _background(ranker)
+    try:
+        _wait_rank_task(lab_home, 0)
+        _wait_rank_task(lab_home, 1)
+        job = json.loads(cube("remote", "list", "--json").stdout)[0]["id"]
+        status = cube("remote", "status", job, "--json")
+        assert status.returncode == 0, status.stderr[-3000:]
+        state = json.loads(status.stdout)
+        assert state["state"] == "running" and state["launcher"] == "gang"
+        assert [r["rank"] for r in state["ranks"]] == [0, 1]
+        assert sorted(r["host"] for r in state["ranks"]) == ["lab1", "lab2"]
+        assert [r["job"] for r in state["ranks"]] == [f"{job}-r0", f"{job}-r1"]
+        assert all(r["state"] == "running" for r in state["ranks"])
+        text = cube("remote", "status", job).stdout
+        assert re.search(r"^rank 0 +lab\d +running$", text, re.M), text
+        assert re.search(r"^rank 1 +lab\d +running$", text, re.M), text
+        logs = cube("remote", "logs", job)
+        assert logs.returncode == 0, logs.stderr[-3000:]
+        assert "tick" in "".join(rank_lines(logs.stdout, 0))
+        assert "tick" in "".join(rank_lines(logs.stdout, 1))
+        cancelled = cube("remote", "cancel", job, "--grace", "2")
+        assert cancelled.returncode == 0, cancelled.stderr[-3000:]
+        assert cancelled.stdout.strip() == f"{job}: cancelled"
+        for index in (0, 1):
+            assert _rank_state(lab_home, job, index)["state"] == "cancelled"
+        proc.communicate(timeout=120)  # the run's controller sees its ranks end
+        after = json.loads(cube("remote", "status", job, "--json").stdout)
+        assert [r["state"] for r in after["ranks"]] == ["cancelled", "cancelled"]
+        assert after["state"] in ("cancelled", "failed")  # the controller may end it first
+        full = cube("remote", "logs", job).stdout
+        assert rank_lines(full, 0) and rank_lines(full, 1)
+        assert all(line.startswith(("[0] ", "[1] ")) for line in full.splitlines())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_the_overall_state_of_a_multi_node_job_comes_from_its_ranks():
+    def rows(*states, codes=(None, None)):
+        return [{"rank": i, "host": f"lab{i + 1}", "state": s, "exit_code": c}
+                for i, (s, c) in enumerate(zip(states, codes, strict=True))]
+
+    assert gangjobs.overall(rows("running", "reserved"))["state"] == "running"
+    assert gangjobs.overall(rows("reserved", "queued"))["state"] == "reserved"
+    assert gangjobs.overall(rows("succeeded", "succeeded"))["state"] == "succeeded"
+    failed = gangjobs.overall(rows("cancelled", "failed", codes=(None, 137)))
+    assert failed == {"state": "failed", "exit_code": 137,
+                      "reason": "rank 1 (lab2) failed with exit code 137"}
+    assert gangjobs.overall(rows("cancelled", "cancelled"))["state"] == "cancelled"
+    assert gangjobs.overall(rows("unknown", "succeeded"))["state"] == "unknown"
 
 
 def _background(ranker: Path) -> subprocess.Popen:

@@ -137,6 +137,10 @@ def status_cmd(job: Optional[str] = typer.Argument(None),
                 "error", "slurm_job_id", "slurm_state", "requeues"):
         if state.get(key) is not None:
             typer.echo(f"{key:10} {state[key]}")
+    for rank in state.get("ranks", []):  # a multi-node job: each rank's own state
+        code = "" if rank["exit_code"] is None else f" exit={rank['exit_code']}"
+        error = f"  ({rank['error']})" if rank.get("error") else ""
+        typer.echo(f"rank {rank['rank']:<5} {rank['host']:10} {rank['state']}{code}{error}")
 
 
 @remote_app.command("list")
