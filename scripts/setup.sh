@@ -6,7 +6,8 @@
 # Usage: scripts/setup.sh [--full]
 #   --full  also the `serve` and `test` extras (TensorFlow, FastAPI, pytest), a running
 #           Docker engine with the offline base image, and podman (rootful, and rootless for
-#           the user cube-rootless) with that image (what the test suite needs).
+#           the user cube-rootless) with that image, Chromium and its driver (browser tests),
+#           cron (schedules), and Slurm with munge (the Slurm lab): what the test suite needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 full=0
