@@ -40,7 +40,10 @@ class Followers:
         self._follows: dict[str, Follow] = {}
 
     def ensure(self, job: Job) -> Follow | None:
-        """Start following `job` unless it is settled (final, outputs pulled) or followed."""
+        """Start following `job` unless it is settled (final, outputs pulled) or followed.
+        Only single-host agent jobs: a multi-node job (launcher `gang`) is followed by the
+        `cube remote run` that started it (its ranks' lines reach output.log, which the page
+        streams), and a follower here would take over that controller's role."""
         if job.launcher != "agent" or (job.finished and job.outputs_pulled):
             return self._follows.get(job.id)
         with self._lock:
