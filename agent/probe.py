@@ -8,7 +8,6 @@ versions are remembered in ROOT/probe-cache.json, keyed by the real file's path,
 from __future__ import annotations
 
 import contextlib
-import csv
 import glob
 import os
 import shutil
@@ -185,28 +184,6 @@ def docker_info(proc):
         info.update(error="docker version failed: " + lines[-1],
                     hint="run `docker version` on the host to see why")
     return info
-
-
-def gpu_info(proc):
-    """(GPUs from nvidia-smi, error or None); no nvidia-smi means no GPUs, not an error."""
-    if proc is None:
-        return [], None
-    code, out, err = finish_command(proc, timeout=15.0)
-    if code != 0:
-        return [], "nvidia-smi failed: " + ((err or out).strip() or "exit code %s" % code)
-    gpus = []
-    for row in csv.reader(out.strip().splitlines(), skipinitialspace=True):
-        if len(row) >= 4:
-            gpus.append({"index": as_int(row[0]), "name": row[1].strip(),
-                         "memory_total_mib": as_int(row[2]), "memory_used_mib": as_int(row[3])})
-    return gpus, None
-
-
-def as_int(text):
-    try:
-        return int(text.strip())
-    except ValueError:
-        return None  # "[N/A]" on some boards
 
 
 def os_info():
