@@ -28,10 +28,10 @@ class Stream(Protocol):
 class ProcessStream:
     """The same interface over a local process (the local side of a sync, and tests)."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err)
+                                     stderr=self._err, env=env)
         assert self.proc.stdin is not None and self.proc.stdout is not None  # PIPEs above
         self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
 
