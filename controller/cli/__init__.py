@@ -10,17 +10,16 @@ import importlib
 import os
 import sys
 
-import click
 import typer
 
 from controller import __version__
 from controller.errors import CubeError
 
-try:  # typer >= 0.2x parses with its own copy of click, whose usage errors are separate types
-    from typer._click.exceptions import ClickException as _VendoredClickException
-    USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException, _VendoredClickException)
-except ImportError:
-    USAGE_ERRORS = (click.ClickException,)
+try:  # typer >= 0.2x parses with its own copy of click (click itself may not be installed)
+    from typer._click.exceptions import ClickException as UsageError
+except ImportError:  # older typer runs on click
+    from click import ClickException as UsageError  # type: ignore[assignment]
+USAGE_ERRORS: tuple[type[Exception], ...] = (UsageError,)
 
 app = typer.Typer(
     name="cube",
