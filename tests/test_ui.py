@@ -13,7 +13,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.conftest import REPO
@@ -32,8 +34,23 @@ def wait(driver, condition, timeout: float = 60, message: str = ""):
 
 
 def text(driver, css: str) -> str:
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+    for _ in range(5):   # an element the page's script just replaced is looked up again
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        try:
+            return found[0].text if found else ""
+        except StaleElementReferenceException:
+            continue
+    return ""
+
+
+def shows(driver, css: str, needle: str, timeout: float = 60) -> bool:
+    """True once the element's text holds `needle`: parts of a page are swapped in by its
+    script (the outputs when a job ends), so a check waits for them instead of racing them."""
+    try:
+        wait(driver, lambda d: needle in text(d, css), timeout)
+    except TimeoutException:
+        return False
+    return True
 
 
 def submit(driver, base: str, *, tasks: str, host: str, cube: str | None = None,
@@ -49,7 +66,11 @@ def submit(driver, base: str, *, tasks: str, host: str, cube: str | None = None,
         box = driver.find_element(By.ID, field)
         box.clear()
         box.send_keys(value)
-    driver.find_element(By.ID, "submit").click()
+    button = driver.find_element(By.ID, "submit")
+    button.click()
+    # the post answers with a new page (the job, or the form with its errors): wait until the
+    # old one is gone, so no check reads the form as it was before the answer came
+    wait(driver, staleness_of(button), 120, "the submit page never answered")
 
 
 def open_job(driver, timeout: float = 180) -> str:
@@ -96,7 +117,7 @@ def test_submit_hello_streams_the_log_live_and_downloads_outputs(lab_home, brows
     log = text(browser, "#log")
     assert "Hello, Linus!" in log and "3 greetings: Ada, Grace, Linus" in log
     assert browser.execute_script("return window.__sameDocument") == "yes", "the page reloaded"
-    assert f"cube remote shell {job_id}" in text(browser, "#shell-cube")
+    assert shows(browser, "#shell-cube", f"cube remote shell {job_id}")
     assert text(browser, "#shell-ssh").startswith("ssh ")
     screenshot(browser, "job", readme=True)
 
@@ -109,10 +130,10 @@ def test_submit_hello_streams_the_log_live_and_downloads_outputs(lab_home, brows
         "greetings/Ada.txt", "greetings/Grace.txt", "greetings/Linus.txt"]
 
     browser.get(f"{base}/jobs/{job_id}/files/greetings")
-    assert "Ada.txt" in text(browser, "#files")
+    assert shows(browser, "#files", "Ada.txt")
     screenshot(browser, "files")
     browser.get(f"{base}/jobs?host=lab1&state=succeeded")
-    assert job_id in text(browser, "#jobs")
+    assert shows(browser, "#jobs", job_id)
     screenshot(browser, "jobs")
     browser.get(f"{base}/jobs?state=failed")
     assert job_id not in text(browser, "main")
@@ -150,8 +171,8 @@ def test_an_uploaded_zip_cube_runs(lab_home, browser, ui_server, tmp_path):
     submit(browser, base, zip_path=archive, tasks="greet", host="lab1")
     first = open_job(browser)
     wait_state(browser, "succeeded")
-    assert "Hello, Grace!" in text(browser, "#log")
-    assert "greetings" in text(browser, "#outputs")
+    assert shows(browser, "#log", "Hello, Grace!")
+    assert shows(browser, "#outputs", "greetings")
 
     browser.find_element(By.ID, "fetch").click()
     wait(browser, lambda d: "Outputs fetched" in text(d, "#done"), 30, text(browser, "main"))
@@ -159,7 +180,7 @@ def test_an_uploaded_zip_cube_runs(lab_home, browser, ui_server, tmp_path):
     second = open_job(browser)
     assert second != first
     wait_state(browser, "succeeded")
-    assert "Hello, Ada!" in text(browser, "#log") and "greet" in text(browser, "#live")
+    assert shows(browser, "#log", "Hello, Ada!") and shows(browser, "#live", "greet")
 
 
 def test_hostile_zips_are_refused_with_the_reason_beside_the_field(browser, ui_server, tmp_path,
@@ -168,8 +189,8 @@ def test_hostile_zips_are_refused_with_the_reason_beside_the_field(browser, ui_s
     escape = make_zip(tmp_path / "escape.zip", {"mlcube.yaml": b"name: x\n",
                                                 "../../evil.sh": b"echo pwned\n"})
     submit(browser, base, zip_path=escape, tasks="greet", host="lab1")
-    assert "leaves the folder" in text(browser, "#error-zip")
-    assert "../../evil.sh" in text(browser, "#error-zip")
+    assert shows(browser, "#error-zip", "leaves the folder")
+    assert shows(browser, "#error-zip", "../../evil.sh")
     screenshot(browser, "submit-refused")
 
     bomb = tmp_path / "bomb.zip"
@@ -180,7 +201,7 @@ def test_hostile_zips_are_refused_with_the_reason_beside_the_field(browser, ui_s
                 f.write(bytes(1024 * 1024))
     assert bomb.stat().st_size < 2 * 1024 * 1024
     submit(browser, base, zip_path=bomb, tasks="greet", host="lab1")
-    assert "ZIP bomb" in text(browser, "#error-zip")
+    assert shows(browser, "#error-zip", "ZIP bomb")
     assert not list((cube_home / "ui" / "sources").glob("*/*/zeros.bin"))
 
 
@@ -188,8 +209,8 @@ def test_submit_shows_the_clis_own_errors_beside_each_field(browser, ui_server, 
     copy_cube(HELLO, tmp_path / "cubes", keep=("names.yaml",))
     base = ui_server(cubes_dir=tmp_path / "cubes")
     submit(browser, base, cube="hello", tasks="greet,bogus", host="@nogroup")
-    assert "has no task 'bogus'" in text(browser, "#error-tasks")
-    assert "No host matched" in text(browser, "#error-host")
+    assert shows(browser, "#error-tasks", "has no task 'bogus'")
+    assert shows(browser, "#error-host", "No host matched")
     screenshot(browser, "submit")
 
 
