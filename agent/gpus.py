@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import time
 
+from .commands import communicate
+
 GPU_QUERY = ["nvidia-smi",
              "--query-gpu=index,name,uuid,memory.used,memory.total,utilization.gpu,driver_version",
              "--format=csv,noheader,nounits"]
@@ -93,13 +95,7 @@ def _finish(proc, timeout):
     """(exit code or None on timeout, stdout, stderr) as text."""
     if isinstance(proc, OSError):
         return 127, "", str(proc)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        return None, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    return communicate(proc, timeout)
 
 
 def _failure(what, code, out, err):

@@ -24,7 +24,7 @@ def patch_from_cache(old_fd, fd, tar, changed, size, old_blocks, progress):
     while i < count:
         if i in changed:
             n = min(BLOCK_SIZE, size - i * BLOCK_SIZE)
-            data = _read_exact(tar, n)
+            data = read_exact(tar, n)
             digester.update(data)
             _pwrite_all(fd, data, i * BLOCK_SIZE)
             if progress:
@@ -78,7 +78,8 @@ def _pwrite_all(fd, data, offset):
         view, offset = view[n:], offset + n
 
 
-def _read_exact(src, n):
+def read_exact(src, n):
+    """Exactly n bytes of a sync stream; a stream that ends first is a cut connection."""
     parts, got = [], 0
     while got < n:
         data = src.read(n - got)

@@ -16,6 +16,7 @@ import subprocess
 
 from . import gpus as gpu_query
 from . import leases
+from .commands import communicate
 from .jobstate import ACTIVE_STATES, all_states, boot_id, load_json, save_json_atomic
 from .protocol import AGENT_VERSION, arg, verb
 
@@ -76,13 +77,7 @@ def start_command(argv):
 
 def finish_command(proc, timeout=PROBE_TIMEOUT_S):
     """(exit code, stdout, stderr) as text; exit code None when it ran past the timeout."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        return None, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    return communicate(proc, timeout)
 
 
 def python_candidates():

@@ -25,7 +25,7 @@ from .manifest import (
     load_cache,
     update_cache,
 )
-from .patch import patch_from_cache
+from .patch import patch_from_cache, read_exact
 from .protocol import AgentError
 
 # Data reaches the disk before its rename. CUBE_SYNC_FSYNC=0 (benchmarks only) measures its cost.
@@ -464,15 +464,7 @@ class TarReader:
         self.f, self.left, self.pad = f, 0, 0
 
     def _exact(self, n):
-        parts, got = [], 0
-        while got < n:
-            data = self.f.read(n - got)
-            if not data:
-                raise AgentError("The sync stream ended early (connection cut?).",
-                                 "Run the sync again; it resumes where it stopped.")
-            parts.append(data)
-            got += len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return read_exact(self.f, n)
 
     def next(self):
         """The next member's TarInfo (name and size from its pax header), None at the end."""
