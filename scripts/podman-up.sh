@@ -18,12 +18,17 @@
 #      networking needs; some VMs create it root-only.
 #   4. The base image in root's store, and in NAME's with --user: `docker save | podman load`.
 #      There is no registry: nothing is ever pulled.
+#   5. Rootful podman asks the OCI runtime for 1048576 open files and processes. Where root lacks
+#      CAP_SYS_RESOURCE (some VM sandboxes), runc cannot raise a hard limit and every container
+#      fails with "error setting rlimit". Then a drop-in sets default_ulimits to the hard limits
+#      that conmon (the parent runc starts under) really has, read from a probe container.
 #
 # Environment: CUBE_BASE_IMAGE (cube-base:bookworm).
 set -euo pipefail
 
 IMAGE=${CUBE_BASE_IMAGE:-cube-base:bookworm}
 DROPIN=/etc/containers/containers.conf.d/50-cube-no-systemd.conf
+RLIMITS_DROPIN=/etc/containers/containers.conf.d/51-cube-rlimits.conf
 user=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -79,14 +84,42 @@ load_for() {
     local who=$1 run=()
     [ -n "$who" ] && run=(runuser -u "$who" -- env "HOME=$(getent passwd "$who" | cut -d: -f6)")
     if "${run[@]}" podman image exists "$IMAGE" 2>/dev/null; then
-        say "image $IMAGE present for ${who:-root}"; return
+        say "image $IMAGE present for ${who:-root}"
+    else
+        docker image inspect "$IMAGE" >/dev/null 2>&1 \
+            || die "Docker has no $IMAGE to copy from: run scripts/docker-up.sh first."
+        say "loading $IMAGE into ${who:-root}'s podman store (docker save | podman load)"
+        docker save "$IMAGE" | (cd / && "${run[@]}" podman load --quiet >/dev/null)
     fi
-    docker image inspect "$IMAGE" >/dev/null 2>&1 \
-        || die "Docker has no $IMAGE to copy from: run scripts/docker-up.sh first."
-    say "loading $IMAGE into ${who:-root}'s podman store (docker save | podman load)"
-    docker save "$IMAGE" | (cd / && "${run[@]}" podman load --quiet >/dev/null)
-    (cd / && "${run[@]}" podman run --rm --network none "$IMAGE" python3 -c 'import venv') \
-        || die "$IMAGE was loaded for ${who:-root} but cannot run python3 (see the error above)."
+    local err
+    err=$(cd / && "${run[@]}" podman run --rm --network none "$IMAGE" python3 -c 'import venv' 2>&1) \
+        && return
+    if [ -z "$who" ] && grep -q 'error setting rlimit' <<<"$err"; then
+        fit_rlimits
+        err=$(cd / && podman run --rm --network none "$IMAGE" python3 -c 'import venv' 2>&1) && return
+    fi
+    printf '%s\n' "$err" >&2
+    die "$IMAGE is in ${who:-root}'s store but cannot run python3 (see the error above)."
+}
+
+# fit_rlimits: default_ulimits = the hard limits conmon has (see step 5 above).
+fit_rlimits() {
+    local probe=cube-rlimit-probe pid nofile nproc
+    podman rm -f -t 0 "$probe" >/dev/null 2>&1 || true
+    podman run -d --name "$probe" --network none --ulimit nofile=1024:1024 \
+        --ulimit nproc=1024:1024 "$IMAGE" sleep 60 >/dev/null
+    pid=$(podman inspect --format '{{.State.ConmonPid}}' "$probe")
+    nofile=$(awk '/^Max open files/ {print $5}' "/proc/$pid/limits")
+    nproc=$(awk '/^Max processes/ {print $4}' "/proc/$pid/limits")
+    podman rm -f -t 0 "$probe" >/dev/null
+    mkdir -p "$(dirname "$RLIMITS_DROPIN")"
+    cat >"$RLIMITS_DROPIN" <<END
+# Written by cube's scripts/podman-up.sh: root here cannot raise hard limits (no
+# CAP_SYS_RESOURCE), so containers get the hard limits conmon has instead of podman's 1048576.
+[containers]
+default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
+END
+    say "root cannot raise rlimits: wrote $RLIMITS_DROPIN (nofile $nofile, nproc $nproc)"
 }
 
 rootless_user() {
