@@ -203,7 +203,7 @@ def test_killing_one_ranks_task_cancels_the_other_and_fails_the_job(lab_home, ra
     (ranker / "workspace" / "plan.txt").write_text("seconds=300\n")
     proc = _background(ranker)
     try:
-        rank1 = _wait_rank_task(lab_home, 1)
+        rank1 = _wait_rank_task(lab_home, 1, proc)
         os.kill(rank1["task_pid"], signal.SIGKILL)
         out, err = proc.communicate(timeout=180)
     finally:
@@ -222,8 +222,8 @@ def test_status_logs_and_cancel_reach_every_rank_of_a_running_job(lab_home, rank
     (ranker / "workspace" / "plan.txt").write_text("seconds=300\n")
     proc = _background(ranker)
     try:
-        _wait_rank_task(lab_home, 0)
-        _wait_rank_task(lab_home, 1)
+        _wait_rank_task(lab_home, 0, proc)
+        _wait_rank_task(lab_home, 1, proc)
         job = json.loads(cube("remote", "list", "--json").stdout)[0]["id"]
         status = cube("remote", "status", job, "--json")
         assert status.returncode == 0, status.stderr[-3000:]
@@ -286,10 +286,12 @@ def _rank_state(lab, job_id: str, index: int) -> dict:
     raise AssertionError(f"no rank {index} of {job_id} on any lab host")
 
 
-def _wait_rank_task(lab, index: int, timeout: float = 300) -> dict:
-    """The state of rank `index` of the newest job once its task ticks (lab hosts share files)."""
+def _wait_rank_task(lab, index: int, proc: subprocess.Popen, timeout: float = 300) -> dict:
+    """The state of rank `index` of the newest job once its task ticks (lab hosts share files).
+    A run that ends first, or never gets there, fails with its own output and every rank's
+    state, so that the cause is in the report rather than behind a timeout."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         for host in lab.hosts:
             for state_file in Path(host.root).glob(f"jobs/*-r{index}/state.json"):
                 state = json.loads(state_file.read_text())
@@ -298,7 +300,14 @@ def _wait_rank_task(lab, index: int, timeout: float = 300) -> dict:
                         b"tick" in log.read_bytes():
                     return state
         time.sleep(0.5)
-    raise AssertionError(f"rank {index} never started ticking")
+    if proc.poll() is None:
+        proc.kill()
+    out, err = proc.communicate(timeout=60)
+    states = {str(p.relative_to(lab.home)): p.read_text()
+              for host in lab.hosts for p in Path(host.root).glob("jobs/*/state.json")}
+    raise AssertionError(f"rank {index} never started ticking; the run exited "
+                         f"{proc.returncode}\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}\n"
+                         f"states: {json.dumps(states, indent=1)[-6000:]}")
 
 
 @pytest.mark.integration
