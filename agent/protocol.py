@@ -101,9 +101,16 @@ def main(argv=None):
 
 
 def archive():
-    """The zipapp this agent runs from (absolute), or None when imported from a source tree."""
+    """The zipapp this agent runs from (absolute), or None when imported from a source tree.
+    Its modules come from the archive, or from the folder its first start unpacked it to,
+    <digest>.pyz.d beside it (see controller.agent_bundle)."""
     path = getattr(globals().get("__loader__"), "archive", None)  # set by zipimport
-    return os.path.abspath(path) if path else None
+    if path:
+        return os.path.abspath(path)
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if folder.endswith(".pyz.d") and os.path.isfile(folder[:-2]):
+        return folder[:-2]
+    return None
 
 
 def self_argv():

@@ -1,18 +1,19 @@
 """The sync stream: a pax tar whose members are all regular entries carrying a `CUBE.op` header
 (file, commit, patch, link, dir, delete, rmdir); any other member (link, device, fifo, escape)
 is refused. `write_stream` writes one from a manifest and a plan; `apply_stream` applies one,
-checking every path and landing every file by temp name + sha256 check + fsync + rename.
+checking every path and landing every file by temp name + sha256 check + rename, made durable
+in batches (agent.landing). The tar framing itself is agent.tarformat.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
-import struct
 import tarfile
-import threading
 
+from .landing import FSYNC, Finisher, unlink_quiet
 from .manifest import (
     BLOCK_SIZE,
     IO_CHUNK,
@@ -25,86 +26,18 @@ from .manifest import (
     load_cache,
     update_cache,
 )
-from .patch import patch_from_cache, read_exact
+from .patch import patch_from_cache
 from .protocol import AgentError
+from .tarformat import Member, TarReader, TarWriter
 
-# Data reaches the disk before its rename. CUBE_SYNC_FSYNC=0 (benchmarks only) measures its cost.
-FSYNC = os.environ.get("CUBE_SYNC_FSYNC", "1") != "0"
 _tmp_counter = [0]
 
 # -- sending --
 
-class TarWriter:
-    """A minimal pax tar writer straight onto the output: tarfile's stream mode re-buffers
-    (and copies) every byte, which costs more than hashing it."""
-
-    def __init__(self, out):
-        self.out, self.buf = out, bytearray(IO_CHUNK)
-
-    def addfile(self, info, chunks=()):
-        self.out.write(_header(info))
-        sent = 0
-        for chunk in chunks:
-            self.out.write(chunk)
-            sent += len(chunk)
-        if sent != info.size:
-            raise AgentError("'%s' changed size while it was being sent." % info.name,
-                             "Run the sync again once the file is no longer being written.")
-        if sent % tarfile.BLOCKSIZE:
-            self.out.write(tarfile.NUL * (tarfile.BLOCKSIZE - sent % tarfile.BLOCKSIZE))
-
-    def close(self):
-        self.out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
-
-    def ranges(self, f, spans, chunk=IO_CHUNK):
-        """Chunks of the file for (offset, length) spans, read into one reused buffer."""
-        view = memoryview(self.buf)
-        for offset, length in spans:
-            f.seek(offset)
-            while length > 0:
-                n = f.readinto(view[:min(length, chunk)])
-                if not n:
-                    return
-                yield view[:n]
-                length -= n
-
-
-def _pax_record(key, value):
-    """b"<len> key=value\n", len counting the whole record (its own digits too)."""
-    body = b" %s=%s\n" % (key.encode("utf-8", "surrogateescape"),
-                           value.encode("utf-8", "surrogateescape"))
-    n = len(body) + 1
-    while len(b"%d" % n) + len(body) != n:
-        n += 1
-    return b"%d" % n + body
-
-
-def _ustar(name, size, typeflag):
-    """One ustar header block. The real path and size travel in the pax header before it."""
-    head = struct.pack("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s",
-                       name[:99], b"0000644\0", b"0000000\0", b"0000000\0",
-                       b"%011o\0" % size, b"00000000000\0", b" " * 8, typeflag, b"",
-                       b"ustar\0", b"00", b"", b"", b"", b"", b"", b"")
-    return head[:148] + b"%06o\0 " % sum(head) + head[156:]
-
-
-def _header(info):
-    """pax extended header + ustar header for a member: what tarfile writes for it, built
-    directly (tarfile's generic encoder cost more than the data of a small file)."""
-    pax = dict(info.pax_headers, path=info.name, size=str(info.size))
-    records = b"".join(_pax_record(k, v) for k, v in sorted(pax.items()))
-    name = info.name.encode("utf-8", "surrogateescape")
-    pad = -len(records) % tarfile.BLOCKSIZE
-    return b"".join([_ustar(b"././@PaxHeader", len(records), tarfile.XHDTYPE), records,
-                     tarfile.NUL * pad, _ustar(name, 0 if info.size >= 8 ** 11 else info.size,
-                                               tarfile.REGTYPE)])
-
-
 def _info(rel, op, payload=0, **pax):
-    ti = tarfile.TarInfo(rel)
-    ti.size, ti.type = payload, tarfile.REGTYPE
-    ti.pax_headers = dict({"CUBE.op": op}, **{"CUBE." + k: str(v) for k, v in pax.items()})
-    return ti
+    records = {"CUBE." + k: str(v) for k, v in pax.items()}
+    records["CUBE.op"] = op
+    return Member(rel, payload, records)
 
 
 def _hashing(chunks, digester):
@@ -135,9 +68,7 @@ def _add_small_file(tar, f, rel, entry, meta):
     if len(data) != entry["size"]:
         raise AgentError("'%s' changed size while it was being sent." % rel,
                          "Run the sync again once the file is no longer being written.")
-    digester = Digester(len(data))
-    digester.update(data)
-    meta["sha256"] = digester.result()[0]
+    meta["sha256"] = hashlib.sha256(data).hexdigest()   # under BLOCK_THRESHOLD: no blocks
     tar.addfile(_info(rel, "file", len(data), **meta), [data] if data else [])
     key = entry.get("key")
     return {rel: key + [meta["sha256"], None]} if key else {}
@@ -195,20 +126,25 @@ def _add_op(tar, top, op, manifest):
 
 # -- receiving: every path is checked, every file lands by temp name + verify + rename --
 
-def _safe_parent(top, rel):
-    """Create missing parents of rel under top; refuse a parent that is a symlink or file."""
+def _safe_parent(top, rel, seen):
+    """Create missing parents of rel under top; refuse a parent that is a symlink or file.
+    `seen`: folders this stream already checked or made (emptied by any member that removes
+    or links, so that a folder swapped for a link in between is checked again)."""
     parts, cur = rel.split("/")[:-1], top
     for p in parts:
         cur = os.path.join(cur, p)
+        if cur in seen:
+            continue
         try:
             st = os.lstat(cur)
         except FileNotFoundError:
             os.mkdir(cur)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise AgentError("Refusing to write '%s': its parent '%s' is a symlink or not a "
-                             "directory." % (rel, os.path.relpath(cur, top)),
-                             "A sync never writes through a symlink.")
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                raise AgentError("Refusing to write '%s': its parent '%s' is a symlink or not "
+                                 "a directory." % (rel, os.path.relpath(cur, top)),
+                                 "A sync never writes through a symlink.")
+        seen.add(cur)
     return os.path.join(top, rel)
 
 
@@ -266,75 +202,29 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def _finish(tmp, dest, rel, pax, got_sha, finisher):
+def _check_sha(rel, pax, got_sha):
     if got_sha != pax["CUBE.sha256"]:
         raise AgentError("'%s' arrived with the wrong sha256 (changed during the sync, or the "
                          "stream was damaged); the previous version is kept." % rel,
                          "Run the sync again.")
+
+
+def _finish(tmp, dest, rel, pax, got_sha, finisher):
+    _check_sha(rel, pax, got_sha)
     os.chmod(tmp, int(pax["CUBE.mode"]) & 0o7777)
     mtime = int(pax["CUBE.mtime_ns"])
     os.utime(tmp, ns=(mtime, mtime))
-    finisher.submit(tmp, dest)
+    finisher.submit(tmp, dest, os.lstat(tmp).st_size)
 
 
-class Finisher:
-    """fsync then rename verified temp files on worker threads: the stream keeps flowing, and
-    concurrent fsyncs share journal commits (one fsync per small file in a row costs ms each)."""
-
-    def __init__(self, workers=16):
-        self.dirs = set()   # every folder a file was renamed into: fsynced once at the end
-        # Imported here: 17 ms of start-up that only receivers need (every agent start pays
-        # for module-level imports, and most verbs never apply a stream).
-        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-        self.pool = ThreadPoolExecutor(workers)
-        self.futures, self.errors, self.landed = [], [], set()
-        self.lock = threading.Lock()
-
-    def submit(self, tmp, dest):
-        self.dirs.add(os.path.dirname(dest))
-        self.futures.append(self.pool.submit(self._land, tmp, dest))
-
-    def _land(self, tmp, dest):
-        try:
-            if FSYNC:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, dest)
-            with self.lock:
-                self.landed.add(dest)
-        except OSError as err:
-            _unlink_quiet(tmp)
-            with self.lock:
-                self.errors.append(err)
-
-    def close(self):
-        """Wait until every file has landed, make the renames durable (one fsync per folder,
-        not per file); raise the first failure."""
-        self.pool.shutdown(wait=True)
-        if FSYNC:
-            for folder in self.dirs:
-                _fsync_dir(folder, self.errors)
-        if self.errors:
-            raise self.errors[0]
-
-
-def _fsync_dir(folder, errors):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as err:
-        errors.append(err)
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
 def _receive_file(tar, member, dest, rel, progress, finisher, pending):
+    if member.size <= SMALL_FILE and "CUBE.sha256" in member.pax_headers:
+        return _receive_small(tar, member, dest, rel, progress, finisher)
     tmp = _tmp_name(dest)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    fd = os.open(tmp, _OPEN_NEW, 0o600)
     try:
         try:
             sha, blocks = _hash_and_write(tar, fd, member.size, progress)
@@ -345,8 +235,33 @@ def _receive_file(tar, member, dest, rel, progress, finisher, pending):
         else:   # hashed by the sender while streaming: the next member carries the sha256
             pending.append((tmp, dest, rel, member.pax_headers, sha))
     except BaseException:
-        _unlink_quiet(tmp)
+        unlink_quiet(tmp)
         raise
+    return sha, blocks
+
+
+def _receive_small(tar, member, dest, rel, progress, finisher):
+    """A small file is read whole and verified before anything is written; its temp file then
+    gets its data, mode and mtime through one descriptor."""
+    data, pax = tar.read_member(), member.pax_headers
+    sha, blocks = hashlib.sha256(data).hexdigest(), None   # under BLOCK_THRESHOLD: no blocks
+    _check_sha(rel, pax, sha)
+    tmp = _tmp_name(dest)
+    fd = os.open(tmp, _OPEN_NEW, 0o600)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, int(pax["CUBE.mode"]) & 0o7777)
+            mtime = int(pax["CUBE.mtime_ns"])
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+        finisher.submit(tmp, dest, len(data))
+    except BaseException:
+        unlink_quiet(tmp)
+        raise
+    if progress:
+        progress(len(data))
     return sha, blocks
 
 
@@ -365,7 +280,7 @@ def _receive_patch(tar, member, dest, rel, progress, finisher, cache):
     size = int(pax["CUBE.size"])
     changed = set(int(i) for i in pax["CUBE.blocks"].split(",") if i)
     tmp = _tmp_name(dest)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    fd = os.open(tmp, _OPEN_NEW, 0o600)
     try:
         try:
             with open(dest, "rb", buffering=0) as old:
@@ -380,7 +295,7 @@ def _receive_patch(tar, member, dest, rel, progress, finisher, cache):
             os.close(fd)
         _finish(tmp, dest, rel, pax, sha, finisher)
     except BaseException:
-        _unlink_quiet(tmp)
+        unlink_quiet(tmp)
         raise
     return sha, blocks
 
@@ -409,13 +324,6 @@ class _Chunks:
 
     def read(self, n=-1):
         return next(self.it, b"")
-
-
-def _unlink_quiet(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _receive_link(dest, rel, target):
@@ -453,88 +361,27 @@ def _check_member(member):
     return op, check_rel(member.name)
 
 
-class TarReader:
-    """Reads a sync stream: per member one pax header ('x') then one ustar header, then data.
-    Stricter and far cheaper than tarfile's stream mode (which copies every byte twice more);
-    anything else (global headers, GNU long names, ...) surfaces as a refused member type."""
-
-    MAX_PAX = 64 << 20
-
-    def __init__(self, f):
-        self.f, self.left, self.pad = f, 0, 0
-
-    def _exact(self, n):
-        return read_exact(self.f, n)
-
-    def next(self):
-        """The next member's TarInfo (name and size from its pax header), None at the end."""
-        while self.left:
-            self.read(min(self.left, IO_CHUNK))
-        if self.pad:
-            self._exact(self.pad)
-        block = self._exact(tarfile.BLOCKSIZE)
-        if block == tarfile.NUL * tarfile.BLOCKSIZE:
-            return None
-        info, pax = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape"), {}
-        if info.type == tarfile.XHDTYPE and 0 <= info.size <= self.MAX_PAX:
-            pax = _parse_pax(self._exact(-(-info.size // 512) * 512)[:info.size])
-            info = tarfile.TarInfo.frombuf(self._exact(tarfile.BLOCKSIZE), "utf-8",
-                                           "surrogateescape")
-        info.pax_headers = pax
-        info.name = pax.get("path", info.name)
-        info.size = int(pax.get("size", info.size))
-        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.size < 0:
-            info.size = 0   # refused by _check_member; never read as data
-        self.left, self.pad = info.size, -info.size % tarfile.BLOCKSIZE
-        return info
-
-    def read(self, n=-1):
-        """The current member's data, up to n bytes."""
-        n = self.left if n < 0 else min(n, self.left)
-        if n <= 0:
-            return b""
-        data = self.f.read(n)
-        if not data:
-            raise AgentError("The sync stream ended early (connection cut?).",
-                             "Run the sync again; it resumes where it stopped.")
-        self.left -= len(data)
-        return data
-
-
-def _parse_pax(data):
-    """pax records: b"<len> <key>=<value>\n", len counting the whole record."""
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        if length <= space - pos:
-            raise ValueError("bad pax record length")
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
 def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=None):
     """Apply a sync stream under top. Returns counts; files verified land by rename."""
     os.makedirs(top, exist_ok=True)
     top = os.path.realpath(top)
     clean_stale_tmp(top)
-    report, finisher = {"files": 0, "bytes": 0, "deleted": 0}, Finisher()
+    report, finisher = {"files": 0, "bytes": 0, "deleted": 0}, Finisher(top)
     verified: dict = {}
     cache = load_cache(cache_file) if cache_file else {}
     pending: list = []   # at most one file waiting for its `commit` member
+    seen: set = set()
     try:
         try:
             tar = TarReader(instream)
             for member in iter(tar.next, None):
                 _apply_member(tar, member, top, allow_delete, progress, finisher, report,
-                              verified, pending, cache)
+                              verified, pending, cache, seen)
             if pending:
                 _commit(None, None, pending, finisher)
         finally:
             for tmp in [p[0] for p in pending]:
-                _unlink_quiet(tmp)
+                unlink_quiet(tmp)
             finisher.close()   # files verified before a failure still land
     except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
         raise AgentError("The sync stream is damaged or was cut (%s)." % err,
@@ -559,12 +406,12 @@ def _commit(member, rel, pending, finisher):
         pax = dict(pax, **{"CUBE.sha256": member.pax_headers.get("CUBE.sha256")})
         _finish(tmp, dest, rel, pax, sha, finisher)
     except BaseException:
-        _unlink_quiet(tmp)
+        unlink_quiet(tmp)
         raise
 
 
 def _apply_member(tar, member, top, allow_delete, progress, finisher, report, verified,
-                  pending, cache):
+                  pending, cache, seen):
     op, rel = _check_member(member)
     if pending or op == "commit":
         if not pending:
@@ -573,7 +420,9 @@ def _apply_member(tar, member, top, allow_delete, progress, finisher, report, ve
         return _commit(member if op == "commit" else None, rel, pending, finisher)
     if op in ("delete", "rmdir") and not allow_delete:
         raise AgentError("Refusing to delete '%s': this sync may not delete files." % rel)
-    dest = _safe_parent(top, rel)
+    if op in ("link", "delete", "rmdir"):
+        seen.clear()
+    dest = _safe_parent(top, rel, seen)
     if op == "file":
         verified[rel] = _receive_file(tar, member, dest, rel, progress, finisher, pending)
     elif op == "patch":
