@@ -151,6 +151,37 @@ def test_two_builds_of_the_same_source_give_byte_identical_archives(tmp_path):
     assert agent_bundle.bundle() is agent_bundle.bundle()  # built once per process
 
 
+def test_the_archive_unpacks_beside_itself_so_that_python_caches_its_bytecode(tmp_path):
+    """A zipapp recompiles every module at every start; the first start unpacks the package to
+    <digest>.pyz.d and every start imports from there, where __pycache__ can live."""
+    bundle = agent_bundle.build()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+    def list_jobs(archive: Path) -> None:
+        proc = subprocess.run([PY, str(archive), "--root", str(tmp_path / "root"), "list-jobs"],
+                              capture_output=True, env=env, timeout=WAIT_S)
+        assert json.loads(proc.stdout) == {"ok": True, "result": {"jobs": []}}, proc.stderr
+
+    archive = tmp_path / bundle.filename
+    archive.write_bytes(bundle.data)
+    list_jobs(archive)
+    unpacked = tmp_path / (bundle.filename + ".d")
+    assert sorted(p.relative_to(unpacked / "agent").as_posix()
+                  for p in (unpacked / "agent").rglob("*.py")) == sorted(
+        p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+        if "__pycache__" not in p.parts)
+    assert list((unpacked / "agent" / "__pycache__").glob("protocol.*.pyc"))  # imported there
+    assert not list(tmp_path.glob("*.tmp-*"))   # the temp folder became the real one
+    list_jobs(archive)   # later starts use the folder as it is
+    # Where the folder cannot be made (here a file holds its name), the archive still runs.
+    blocked = tmp_path / "blocked" / bundle.filename
+    blocked.parent.mkdir()
+    blocked.write_bytes(bundle.data)
+    Path(str(blocked) + ".d").write_text("not a folder")
+    list_jobs(blocked)
+    assert not list(blocked.parent.glob("*.tmp-*"))
+
+
 def test_every_answer_has_one_shape(root):
     assert call(root, "list-jobs") == {"jobs": []}
     proc = agent(root, "status", "nope", check=False)

@@ -305,8 +305,9 @@ def test_agent_uploaded_once_by_hash(lab_home, tmp_path, monkeypatch):
     with connect(spec) as conn:
         assert conn.ensure_agent() == path and not conn.agent_uploaded
         assert conn.run(["stat", "-c", "%i", path]).stdout == inode
+        # The archive and the folder its first start unpacked it to; no temp file left behind.
         assert conn.run(["ls", "-a", os.path.dirname(path)]).stdout.split() == \
-            [".", "..", f"{digest[:16]}.pyz"]  # no temp file left behind
+            [".", "..", f"{digest[:16]}.pyz", f"{digest[:16]}.pyz.d"]
 
 
 def test_the_zipapp_runs_on_the_host_in_an_isolated_interpreter(lab_home):
