@@ -12,20 +12,21 @@ FSYNC = os.environ.get("CUBE_SYNC_FSYNC", "1") != "0"
 
 
 class Finisher:
-    """Lands verified temp files by rename, durably, in batches. A batch's temp files are made
-    durable together (one syncfs of their filesystem), then renamed; after the last batch one
-    more syncfs makes the renames durable. That runs on a worker thread while the stream goes
-    on. A crash therefore leaves every file its old or its complete new version (never a
-    renamed file whose data is missing), as one fsync per file before its rename would, for
-    two syncfs calls per batch instead of one fsync each (ms apiece on a journalled disk).
-    Without syncfs (not Linux) each temp file is fsynced before its rename and each folder
-    once at the end."""
+    """Lands verified temp files by rename, durably, in batches, on a worker thread while the
+    stream goes on. A batch's temp files are made durable, then renamed; at the end the folders
+    they were renamed into are made durable. A crash therefore leaves every file its old or its
+    complete new version (never a renamed file whose data is missing). A batch of many small
+    files is made durable by one syncfs of its filesystem instead of one fsync each (ms apiece
+    on a journalled disk); a few files (large ones fill a batch alone) are fsynced one by one,
+    since syncfs would also wait for every other writer's data. Without syncfs (not Linux)
+    every file is fsynced."""
 
     BATCH_FILES, BATCH_BYTES = 4096, 256 << 20
+    SYNCFS_MIN = 64   # fewer files (or folders) than this are fsynced one by one
 
     def __init__(self, top):
         self.top, self.batch, self.batch_bytes = top, [], 0
-        self.dirs = set()   # folders files were renamed into (the fallback fsyncs them)
+        self.dirs = set()   # folders files were renamed into: made durable at the end
         # Imported here: 17 ms of start-up that only receivers need (every agent start pays
         # for module-level imports, and most verbs never apply a stream).
         from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
@@ -46,9 +47,8 @@ class Finisher:
 
     def _land(self, batch):
         try:
-            if FSYNC and not sync_filesystem(self.top):
-                for tmp, _ in batch:
-                    fsync_path(tmp)
+            if FSYNC:
+                self._durable([tmp for tmp, _ in batch])
         except OSError as err:
             for tmp, _ in batch:
                 unlink_quiet(tmp)
@@ -67,15 +67,20 @@ class Finisher:
                 self.landed.add(dest)
                 self.dirs.add(os.path.dirname(dest))
 
+    def _durable(self, paths):
+        """fsync each path; many at once with one syncfs instead, which also waits for other
+        writers' data on that filesystem, so only where it saves many fsyncs."""
+        if len(paths) < self.SYNCFS_MIN or not sync_filesystem(self.top):
+            for path in paths:
+                fsync_path(path)
+
     def close(self):
         """Land what is left, wait, make the renames durable; raise the first failure."""
         self._flush()
         self.pool.shutdown(wait=True)
         if FSYNC and self.landed:
             try:
-                if not sync_filesystem(self.top):
-                    for folder in self.dirs:
-                        fsync_path(folder)
+                self._durable(sorted(self.dirs))
             except OSError as err:
                 self.errors.append(err)
         if self.errors:
