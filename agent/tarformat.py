@@ -153,7 +153,14 @@ class TarReader:
 
     def read_member(self):
         """All of the current member's data (a small file's) in one piece."""
-        data, self.left = (read_exact(self.f, self.left) if self.left else b""), 0
+        return self.take(self.left)
+
+    def take(self, n):
+        """Exactly n more bytes of the current member's data (one file of a pack)."""
+        if n > self.left:
+            raise ValueError("a packed file runs past its member")
+        data = read_exact(self.f, n) if n else b""
+        self.left -= n
         return data
 
     def read(self, n=-1):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -342,6 +343,17 @@ def member(name, op="file", kind=tarfile.REGTYPE, data=b"pwned", **pax):
     return info, data if kind == tarfile.REGTYPE else b""
 
 
+def pack(*files: tuple[str, bytes], index=None):
+    """A `pack` member: each (path, data) listed in its CUBE.index, the data back to back."""
+    rows = [[path, len(data), 420, 0, hashlib.sha256(data).hexdigest()] for path, data in files]
+    info = tarfile.TarInfo(files[0][0].lstrip("/") if files else "x")
+    data = b"".join(d for _, d in files)
+    info.type, info.size = tarfile.REGTYPE, len(data)
+    info.pax_headers = {"CUBE.op": "pack", "CUBE.index": json.dumps(rows if index is None
+                                                                     else index)}
+    return info, data
+
+
 ESCAPES = {
     "absolute": [member("/tmp/cube-evil-abs")],
     "dotdot": [member("../evil.txt")],
@@ -358,6 +370,13 @@ ESCAPES = {
     "not_a_cube_member": [member("plain.txt", op="")],
     "delete_on_pull": [member("mine.txt", op="delete", data=b"")],
     "commit_without_file": [member("mine.txt", op="commit", data=b"")],
+    "pack_dotdot": [pack(("../evil.txt", b"pwned"), ("ok.txt", b"fine"))],
+    "pack_absolute": [pack(("/tmp/cube-evil-abs", b"pwned"))],
+    "pack_through_a_link": [member("sub/out", op="link", data=b"", target=".."),
+                            pack(("sub/out/evil.txt", b"pwned"))],
+    "pack_index_not_a_list_of_files": [pack(("a.txt", b"pwned"), index={"a.txt": 5})],
+    "pack_data_beyond_its_index": [pack(("a.txt", b"pwned"),
+                                        index=[["a.txt", 2, 420, 0, "00"]])],
 }
 
 
