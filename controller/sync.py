@@ -128,10 +128,15 @@ def _keeper(ignore_root: Path | None, paths, exclude=()):
     def under(rel: str, folders) -> bool:
         return any(rel == p or rel.startswith(p + "/") for p in folders)
 
+    known: dict[tuple[str, bool], bool] = {}   # both sides' manifests share most paths
+
     def wanted(rel: str, is_dir: bool) -> bool:
-        if (prefixes and not under(rel, prefixes)) or under(rel, excluded):
-            return False
-        return not (spec and spec.match_file(rel + "/" if is_dir else rel))
+        answer = known.get((rel, is_dir))
+        if answer is None:
+            answer = known[rel, is_dir] = not (
+                (prefixes and not under(rel, prefixes)) or under(rel, excluded)
+                or (spec and spec.match_file(rel + "/" if is_dir else rel)))
+        return answer
 
     def keep(m: dict) -> dict:
         return {"exists": m.get("exists", True),
