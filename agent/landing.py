@@ -16,13 +16,17 @@ class Finisher:
     stream goes on. A batch's temp files are made durable, then renamed; at the end the folders
     they were renamed into are made durable. A crash therefore leaves every file its old or its
     complete new version (never a renamed file whose data is missing). A batch of many small
-    files is made durable by one syncfs of its filesystem instead of one fsync each (ms apiece
-    on a journalled disk); a few files (large ones fill a batch alone) are fsynced one by one,
-    since syncfs would also wait for every other writer's data. Without syncfs (not Linux)
-    every file is fsynced."""
+    files is made durable by one syncfs of its filesystem instead of one fsync each (each a
+    journal commit); a few files (large ones fill a batch alone), or a batch arriving while
+    other writers hold much unwritten data that syncfs would wait for, are fsynced side by side
+    (concurrent fsyncs share journal commits). Without syncfs (not Linux) every file is
+    fsynced."""
 
     BATCH_FILES, BATCH_BYTES = 4096, 256 << 20
-    SYNCFS_MIN = 64   # fewer files (or folders) than this are fsynced one by one
+    SYNCFS_MIN = 64   # fewer files (or folders) than this are fsynced side by side
+    # Measured here: 10,000 small files took 1.3 s longer with fsyncs than with one syncfs;
+    # at about 500 MB/s of writeback, the time to write 64 KiB a file.
+    FSYNC_EQUIVALENT = 64 << 10
 
     def __init__(self, top):
         self.top, self.batch, self.batch_bytes = top, [], 0
@@ -31,6 +35,7 @@ class Finisher:
         # for module-level imports, and most verbs never apply a stream).
         from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
         self.pool = ThreadPoolExecutor(1)   # one worker: batches land in stream order
+        self.fsyncs = ThreadPoolExecutor(16)   # concurrent fsyncs share journal commits
         self.errors, self.landed = [], set()
         self.lock = threading.Lock()
 
@@ -42,13 +47,13 @@ class Finisher:
 
     def _flush(self):
         if self.batch:
-            self.pool.submit(self._land, self.batch)
+            self.pool.submit(self._land, self.batch, self.batch_bytes)
             self.batch, self.batch_bytes = [], 0
 
-    def _land(self, batch):
+    def _land(self, batch, size):
         try:
             if FSYNC:
-                self._durable([tmp for tmp, _ in batch])
+                self._durable([tmp for tmp, _ in batch], size)
         except OSError as err:
             for tmp, _ in batch:
                 unlink_quiet(tmp)
@@ -67,12 +72,15 @@ class Finisher:
                 self.landed.add(dest)
                 self.dirs.add(os.path.dirname(dest))
 
-    def _durable(self, paths):
-        """fsync each path; many at once with one syncfs instead, which also waits for other
-        writers' data on that filesystem, so only where it saves many fsyncs."""
-        if len(paths) < self.SYNCFS_MIN or not sync_filesystem(self.top):
-            for path in paths:
-                fsync_path(path)
+    def _durable(self, paths, size):
+        """fsync each path, side by side; or, for many paths, one syncfs, unless the cache
+        holds more of other writers' unwritten data than those fsyncs would cost (syncfs waits
+        for all of it): one fsync cost about as much as writing back FSYNC_EQUIVALENT here."""
+        if len(paths) >= self.SYNCFS_MIN \
+                and dirty_bytes() - size <= len(paths) * self.FSYNC_EQUIVALENT \
+                and sync_filesystem(self.top):
+            return
+        list(self.fsyncs.map(fsync_path, paths))   # raises the first failure
 
     def close(self):
         """Land what is left, wait, make the renames durable; raise the first failure."""
@@ -80,11 +88,25 @@ class Finisher:
         self.pool.shutdown(wait=True)
         if FSYNC and self.landed:
             try:
-                self._durable(sorted(self.dirs))
+                self._durable(sorted(self.dirs), 0)
             except OSError as err:
                 self.errors.append(err)
+        self.fsyncs.shutdown(wait=True)
         if self.errors:
             raise self.errors[0]
+
+
+def dirty_bytes():
+    """Unwritten data in the page cache, all filesystems (Linux's /proc/meminfo `Dirty:`);
+    0 where it cannot be read."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"Dirty:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 _SYNCFS: list = []   # [libc syncfs or None], looked up once

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from agent import landing, tarstream
 from agent import sync as agent
-from agent import tarstream
 from controller import sync
 from tests.test_sync import MiB, host_dir, tree, write
 from tests.test_sync import conn as conn  # noqa: F401 (fixture)
@@ -97,3 +97,34 @@ def test_a_patch_reads_the_old_file_when_its_cache_entry_went_stale(pair, monkey
     assert changed.read_bytes()[0] != (src / "big.bin").read_bytes()[0]   # old file kept
     assert patch_in_process(src, dst, cache)["files"] == 1                # a rerun completes
     assert tree(dst) == tree(src)
+
+
+@pytest.mark.parametrize("others_dirty, many, expect", [
+    (0, True, ["syncfs", "fsync"]),         # the batch at once, then its one folder
+    (1 << 30, True, ["fsync"] * 101),       # 1 GiB of others' data: each file, then the folder
+    (0, False, ["fsync"] * 11)])            # a few files: each, then the folder
+def test_landing_syncs_the_filesystem_only_where_it_saves_fsyncs(tmp_path, monkeypatch,
+                                                                 others_dirty, many, expect):
+    """Many landed files are made durable by one syncfs, unless other writers' unwritten data
+    (which syncfs would wait for) outweighs the fsyncs it saves; the renames happen only after."""
+    calls: list[str] = []
+    monkeypatch.setattr(landing, "FSYNC", True)
+    monkeypatch.setattr(landing, "dirty_bytes", lambda: others_dirty)
+    monkeypatch.setattr(landing, "sync_filesystem", lambda path: calls.append("syncfs") or True)
+    monkeypatch.setattr(landing, "fsync_path", lambda path: calls.append("fsync"))
+    count = 100 if many else 10
+    finisher = landing.Finisher(str(tmp_path))
+    for i in range(count):
+        (tmp_path / f"tmp{i}").write_bytes(b"x")
+        finisher.submit(str(tmp_path / f"tmp{i}"), str(tmp_path / f"f{i}"), 1)
+    finisher.close()
+    assert calls == expect
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"f{i}" for i in range(count))
+
+
+def test_syncfs_is_real_on_linux(tmp_path):
+    """The libc call behind a batch's durability answers on this machine (Linux has syncfs)."""
+    (tmp_path / "f").write_bytes(b"x")
+    assert landing.sync_filesystem(str(tmp_path)) is True
+    with pytest.raises(OSError):
+        landing.sync_filesystem(str(tmp_path / "missing"))
