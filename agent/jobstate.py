@@ -17,6 +17,7 @@ import os
 import re
 import tempfile
 
+from .landing import fsync_path
 from .protocol import AgentError
 
 STATE_VERSION = 1
@@ -47,11 +48,7 @@ def save_json_atomic(path, obj):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(folder)
 
 
 def load_json(path):

@@ -1,5 +1,6 @@
 """Landing received files durably: verified temp files are renamed into place in batches, each
-batch made durable by one syncfs (agent.tarstream hands them over as they pass their check).
+batch's data made durable first, by one syncfs or by fsyncs side by side (see Finisher);
+agent.tarstream hands files over as they pass their check.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Finisher:
         from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
         self.pool = ThreadPoolExecutor(1)   # one worker: batches land in stream order
         self.fsyncs = ThreadPoolExecutor(16)   # concurrent fsyncs share journal commits
-        self.errors, self.landed = [], set()
+        self.errors, self.landed, self.futures = [], set(), []
         self.lock = threading.Lock()
 
     def submit(self, tmp, dest, size):
@@ -47,7 +48,7 @@ class Finisher:
 
     def _flush(self):
         if self.batch:
-            self.pool.submit(self._land, self.batch, self.batch_bytes)
+            self.futures.append(self.pool.submit(self._land, self.batch, self.batch_bytes))
             self.batch, self.batch_bytes = [], 0
 
     def _land(self, batch, size):
@@ -86,6 +87,7 @@ class Finisher:
         """Land what is left, wait, make the renames durable; raise the first failure."""
         self._flush()
         self.pool.shutdown(wait=True)
+        self.errors += [f.exception() for f in self.futures if f.exception() is not None]
         if FSYNC and self.landed:
             try:
                 self._durable(sorted(self.dirs), 0)
