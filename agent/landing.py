@@ -87,7 +87,8 @@ class Finisher:
         """Land what is left, wait, make the renames durable; raise the first failure."""
         self._flush()
         self.pool.shutdown(wait=True)
-        self.errors += [f.exception() for f in self.futures if f.exception() is not None]
+        failed = [f.exception() for f in self.futures]
+        self.errors += [err for err in failed if err is not None]
         if FSYNC and self.landed:
             try:
                 self._durable(sorted(self.dirs), 0)

@@ -151,10 +151,6 @@ class TarReader:
         self.left, self.pad = member.size, -member.size % tarfile.BLOCKSIZE
         return member
 
-    def read_member(self):
-        """All of the current member's data (a small file's) in one piece."""
-        return self.take(self.left)
-
     def take(self, n):
         """Exactly n more bytes of the current member's data (one file of a pack)."""
         if n > self.left:

@@ -230,15 +230,15 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def _check_sha(rel, pax, got_sha):
-    if got_sha != pax["CUBE.sha256"]:
+def _check_sha(rel, want_sha, got_sha):
+    if got_sha != want_sha:
         raise AgentError("'%s' arrived with the wrong sha256 (changed during the sync, or the "
                          "stream was damaged); the previous version is kept." % rel,
                          "Run the sync again.")
 
 
 def _finish(tmp, dest, rel, pax, got_sha, finisher):
-    _check_sha(rel, pax, got_sha)
+    _check_sha(rel, pax["CUBE.sha256"], got_sha)
     os.chmod(tmp, int(pax["CUBE.mode"]) & 0o7777)
     mtime = int(pax["CUBE.mtime_ns"])
     os.utime(tmp, ns=(mtime, mtime))
@@ -249,8 +249,6 @@ _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
 def _receive_file(tar, member, dest, rel, progress, finisher, pending):
-    if member.size <= SMALL_FILE and "CUBE.sha256" in member.pax_headers:
-        return _receive_small(tar, member, dest, rel, progress, finisher)
     tmp = _tmp_name(dest)
     fd = os.open(tmp, _OPEN_NEW, 0o600)
     try:
@@ -268,17 +266,11 @@ def _receive_file(tar, member, dest, rel, progress, finisher, pending):
     return sha, blocks
 
 
-def _receive_small(tar, member, dest, rel, progress, finisher):
-    pax = member.pax_headers
-    return _land_small(tar.read_member(), dest, rel, pax["CUBE.sha256"], int(pax["CUBE.mode"]),
-                       int(pax["CUBE.mtime_ns"]), progress, finisher)
-
-
 def _land_small(data, dest, rel, want_sha, mode, mtime, progress, finisher):
     """A small file is verified before anything is written; its temp file then gets its data,
     mode and mtime through one descriptor."""
     sha = hashlib.sha256(data).hexdigest()   # under BLOCK_THRESHOLD: no block digests
-    _check_sha(rel, {"CUBE.sha256": want_sha}, sha)
+    _check_sha(rel, want_sha, sha)
     tmp = _tmp_name(dest)
     fd = os.open(tmp, _OPEN_NEW, 0o600)
     try:
