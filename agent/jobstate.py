@@ -17,7 +17,8 @@ import os
 import re
 import tempfile
 
-from .landing import fsync_path
+# boot_id is None off Linux, where the lock alone detects lost jobs
+from .landing import boot_id, fsync_path
 from .protocol import AgentError
 
 STATE_VERSION = 1
@@ -54,15 +55,6 @@ def save_json_atomic(path, obj):
 def load_json(path):
     with open(path) as handle:
         return json.load(handle)
-
-
-def boot_id():
-    """Changes on every boot (Linux); None elsewhere, where the lock alone detects lost jobs."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
 
 
 # -- job folders and locks

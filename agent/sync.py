@@ -41,11 +41,14 @@ def manifest(args):
     return scan(d, cache_file(d, args.root), builtin_ignores=not args.all)
 
 
-@verb("receive", DIR, arg("--delete", action="store_true", help="honour delete entries"))
+@verb("receive", DIR, arg("--delete", action="store_true", help="honour delete entries"),
+      arg("--durable", action="store_true",
+          help="make every landed file durable (fsync/syncfs) before answering"))
 def receive(args):
     """A sync stream on stdin, applied under DIR; answers {files, bytes, deleted}."""
     d = sync_dir(args)
-    return apply_stream(d, sys.stdin.buffer, args.delete, cache_file(d, args.root))
+    return apply_stream(d, sys.stdin.buffer, args.delete, cache_file(d, args.root),
+                        durable=args.durable)
 
 
 @verb("send", DIR, output="stream")

@@ -1,20 +1,19 @@
 """The sync stream: a pax tar whose members are all regular entries carrying a `CUBE.op` header
 (file, pack, commit, patch, link, dir, delete, rmdir); any other member (link, device, fifo, escape)
 is refused. `write_stream` writes one from a manifest and a plan; `apply_stream` applies one,
-checking every path and landing every file by temp name + sha256 check + rename, made durable
-in batches (agent.landing). The tar framing itself is agent.tarformat.
+checking every path and landing every file by temp name + sha256 check + rename, in batches
+(agent.landing; durable when asked). Small files travel in packs (agent.packs); the tar framing
+itself is agent.tarformat.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import stat
 import tarfile
 
-from .landing import FSYNC, Finisher, unlink_quiet
+from .landing import Finisher, check_sha, new_temp_file, temp_name, unlink_quiet, write_all
 from .manifest import (
     BLOCK_SIZE,
     IO_CHUNK,
@@ -27,11 +26,10 @@ from .manifest import (
     load_cache,
     update_cache,
 )
+from .packs import SMALL_FILE, Pack, PackLander, pack_index
 from .patch import patch_from_cache
 from .protocol import AgentError
 from .tarformat import Member, TarReader, TarWriter
-
-_tmp_counter = [0]
 
 # -- sending --
 
@@ -58,44 +56,6 @@ def _add_hashed_file(tar, f, rel, entry, meta):
     tar.addfile(_info(rel, "commit", sha256=sha))
     key = entry.get("key")
     return {rel: key + [sha, blocks]} if key else {}
-
-
-SMALL_FILE = 1 << 20   # read whole and hashed before it is sent: never a `commit` member
-
-
-class Pack:
-    """Small files travel in `pack` members: one pax header whose CUBE.index lists each file
-    ([path, size, mode, mtime_ns, sha256], JSON) before their data, back to back. Per file
-    that saves two tar headers (1 KiB or more on the wire) and most of the work of writing
-    and parsing them, which cost more than a small file's own bytes."""
-
-    MAX_BYTES, MAX_FILES = 4 << 20, 2048
-
-    def __init__(self, tar):
-        self.tar, self.index, self.data, self.size = tar, [], [], 0
-
-    def add(self, top, rel, entry):
-        """Read one small file into the pack (hashing it unless its digest is known); returns
-        hash-cache rows for a file hashed here. Sends the pack once it is full."""
-        with open(os.path.join(top, rel), "rb", buffering=0) as f:
-            data = f.read(entry["size"] + 1)
-        if len(data) != entry["size"]:
-            raise AgentError("'%s' changed size while it was being sent." % rel,
-                             "Run the sync again once the file is no longer being written.")
-        sha = entry["sha256"] or hashlib.sha256(data).hexdigest()   # small: no blocks
-        self.index.append([rel, len(data), entry["mode"], entry["mtime_ns"], sha])
-        self.data.append(data)
-        self.size += len(data)
-        if self.size >= self.MAX_BYTES or len(self.index) >= self.MAX_FILES:
-            self.send()
-        key = entry.get("key")
-        return {rel: key + [sha, None]} if key and not entry["sha256"] else {}
-
-    def send(self):
-        if self.index:
-            records = {"CUBE.op": "pack", "CUBE.index": json.dumps(self.index)}
-            self.tar.addfile(Member(self.index[0][0], self.size, records), self.data)
-            self.index, self.data, self.size = [], [], 0
 
 
 def _add_file(tar, top, rel, entry, base_blocks):
@@ -156,10 +116,14 @@ def _add_op(tar, top, op, manifest):
 
 def _safe_parent(top, rel, seen):
     """Create missing parents of rel under top; refuse a parent that is a symlink or file.
-    `seen`: folders this stream already checked or made (emptied by any member that removes
-    or links, so that a folder swapped for a link in between is checked again)."""
-    parts, cur = rel.split("/")[:-1], top
-    for p in parts:
+    `seen`: folders this stream already checked or made, as absolute paths and as the relative
+    parents of checked files (emptied by any member that removes or links, so that a folder
+    swapped for a link in between is checked again). top is a real path without a trailing /."""
+    parent = rel.rpartition("/")[0]
+    if parent in seen:   # the common case, one lookup: a sibling was checked already
+        return top + "/" + rel
+    cur = top
+    for p in parent.split("/") if parent else ():
         cur = os.path.join(cur, p)
         if cur in seen:
             continue
@@ -173,13 +137,8 @@ def _safe_parent(top, rel, seen):
                                  "a directory." % (rel, os.path.relpath(cur, top)),
                                  "A sync never writes through a symlink.")
         seen.add(cur)
-    return os.path.join(top, rel)
-
-
-def _tmp_name(dest):
-    _tmp_counter[0] += 1
-    return os.path.join(os.path.dirname(dest), "%s%d-%d" % (TMP_PREFIX, os.getpid(),
-                                                             _tmp_counter[0]))
+    seen.add(parent)
+    return top + "/" + rel
 
 
 def clean_stale_tmp(top):
@@ -192,7 +151,7 @@ def clean_stale_tmp(top):
                     os.unlink(path)
 
 
-def _hash_and_write(src, fd, size, progress):
+def _hash_and_write(src, fd, size, progress, durable):
     """Copy size bytes from src to fd, hashing as we go (block digests for large files)."""
     digester, left, flushed = Digester(size), size, 0
     while left:
@@ -202,10 +161,11 @@ def _hash_and_write(src, fd, size, progress):
                              "Run the sync again; it resumes where it stopped.")
         left -= len(data)
         digester.update(data)
-        _write_all(fd, data)
+        write_all(fd, data)
         if progress:
             progress(len(data))
-        flushed = _start_writeback(fd, flushed, size - left)
+        if durable:
+            flushed = _start_writeback(fd, flushed, size - left)
     return digester.result()
 
 
@@ -216,7 +176,7 @@ def _start_writeback(fd, flushed, written):
     """Start writing a large file's data to disk as it arrives (asynchronously), so that the
     fsync before its rename waits for the last few MiB, not for all of it. Returns the offset
     up to which writeback was started."""
-    if not FSYNC or written - flushed < WRITEBACK_CHUNK or not hasattr(os, "posix_fadvise"):
+    if written - flushed < WRITEBACK_CHUNK or not hasattr(os, "posix_fadvise"):
         return flushed
     # On Linux, DONTNEED starts writeback of dirty pages in the range (WB_SYNC_NONE) and drops
     # only pages that are already clean; it never loses data.
@@ -224,36 +184,19 @@ def _start_writeback(fd, flushed, written):
     return written
 
 
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _check_sha(rel, want_sha, got_sha):
-    if got_sha != want_sha:
-        raise AgentError("'%s' arrived with the wrong sha256 (changed during the sync, or the "
-                         "stream was damaged); the previous version is kept." % rel,
-                         "Run the sync again.")
-
-
 def _finish(tmp, dest, rel, pax, got_sha, finisher):
-    _check_sha(rel, pax["CUBE.sha256"], got_sha)
+    check_sha(rel, pax["CUBE.sha256"], got_sha)
     os.chmod(tmp, int(pax["CUBE.mode"]) & 0o7777)
     mtime = int(pax["CUBE.mtime_ns"])
     os.utime(tmp, ns=(mtime, mtime))
     finisher.submit(tmp, dest, os.lstat(tmp).st_size)
 
 
-_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-
-
 def _receive_file(tar, member, dest, rel, progress, finisher, pending):
-    tmp = _tmp_name(dest)
-    fd = os.open(tmp, _OPEN_NEW, 0o600)
+    tmp, fd = new_temp_file(dest)
     try:
         try:
-            sha, blocks = _hash_and_write(tar, fd, member.size, progress)
+            sha, blocks = _hash_and_write(tar, fd, member.size, progress, finisher.durable)
         finally:
             os.close(fd)
         if "CUBE.sha256" in member.pax_headers:
@@ -266,57 +209,13 @@ def _receive_file(tar, member, dest, rel, progress, finisher, pending):
     return sha, blocks
 
 
-def _land_small(data, dest, rel, want_sha, mode, mtime, progress, finisher):
-    """A small file is verified before anything is written; its temp file then gets its data,
-    mode and mtime through one descriptor."""
-    sha = hashlib.sha256(data).hexdigest()   # under BLOCK_THRESHOLD: no block digests
-    _check_sha(rel, want_sha, sha)
-    tmp = _tmp_name(dest)
-    fd = os.open(tmp, _OPEN_NEW, 0o600)
-    try:
-        try:
-            _write_all(fd, data)
-            os.fchmod(fd, mode & 0o7777)
-            os.utime(fd, ns=(mtime, mtime))
-        finally:
-            os.close(fd)
-        finisher.submit(tmp, dest, len(data))
-    except BaseException:
-        unlink_quiet(tmp)
-        raise
-    if progress:
-        progress(len(data))
-    return sha, None
-
-
-def _receive_pack(tar, member, top, progress, finisher, report, verified, seen):
-    """The small files of a `pack` member (see Pack), each checked as any other file."""
-    index = _pack_index(member)
-    if sum(row[1] for row in index) != member.size:
-        raise AgentError("Refusing tar member '%s': its pack index does not match its data."
-                         % member.name,
-                         "The other side sent a stream cube did not make; do not trust it.")
-    for rel, size, mode, mtime, sha in index:
-        rel = check_rel(rel)
-        dest = _safe_parent(top, rel, seen)
-        verified[rel] = _land_small(tar.take(size), dest, rel, sha, mode, mtime, progress,
-                                    finisher)
-        report["files"] += 1
-        report["bytes"] += size
-
-
-def _pack_index(member):
-    try:
-        index = json.loads(member.pax_headers.get("CUBE.index", ""))
-        if all(type(rel) is str and type(sha) is str and all(
-                type(n) is int and n >= 0 for n in (size, mode, mtime))
-               for rel, size, mode, mtime, sha in index):
-            return index
-    except (ValueError, TypeError):
-        pass
-    raise AgentError("Refusing tar member '%s': its pack index is not a cube sync index."
-                     % member.name,
-                     "The other side sent a stream cube did not make; do not trust it.")
+def _receive_pack(tar, member, top, seen, packs):
+    """A `pack` member (agent.packs): its paths are checked here, in stream order; its files
+    are verified and written on the PackLander's threads."""
+    index = pack_index(member)
+    rows = [(check_rel(rel), size, mode, mtime, sha) for rel, size, mode, mtime, sha in index]
+    dests = [_safe_parent(top, row[0], seen) for row in rows]
+    packs.land(rows, dests, tar.take(member.size))
 
 
 def _receive_patch(tar, member, dest, rel, progress, finisher, cache):
@@ -333,8 +232,7 @@ def _receive_patch(tar, member, dest, rel, progress, finisher, cache):
                          % rel, "Run the sync again; it sends the whole file.") from None
     size = int(pax["CUBE.size"])
     changed = set(int(i) for i in pax["CUBE.blocks"].split(",") if i)
-    tmp = _tmp_name(dest)
-    fd = os.open(tmp, _OPEN_NEW, 0o600)
+    tmp, fd = new_temp_file(dest)
     try:
         try:
             with open(dest, "rb", buffering=0) as old:
@@ -344,7 +242,8 @@ def _receive_patch(tar, member, dest, rel, progress, finisher, cache):
                                                    progress)
                 else:
                     pieces = _patched_blocks(old, tar, changed, size, progress)
-                    sha, blocks = _hash_and_write(_Chunks(pieces), fd, size, None)
+                    sha, blocks = _hash_and_write(_Chunks(pieces), fd, size, None,
+                                                  finisher.durable)
         finally:
             os.close(fd)
         _finish(tmp, dest, rel, pax, sha, finisher)
@@ -382,7 +281,7 @@ class _Chunks:
 
 def _receive_link(dest, rel, target):
     check_link(rel, target)
-    tmp = _tmp_name(dest)
+    tmp = temp_name(dest)
     os.symlink(target, tmp)
     os.replace(tmp, dest)
 
@@ -415,12 +314,15 @@ def _check_member(member):
     return op, check_rel(member.name)
 
 
-def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=None):
-    """Apply a sync stream under top. Returns counts; files verified land by rename."""
+def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=None,
+                 durable=True):
+    """Apply a sync stream under top. Returns counts; files verified land by rename, made
+    durable first when `durable` (see agent.landing.Finisher)."""
     os.makedirs(top, exist_ok=True)
     top = os.path.realpath(top)
     clean_stale_tmp(top)
-    report, finisher = {"files": 0, "bytes": 0, "deleted": 0}, Finisher(top)
+    report, finisher = {"files": 0, "bytes": 0, "deleted": 0}, Finisher(top, durable)
+    packs = PackLander(finisher, progress)
     verified: dict = {}
     cache = load_cache(cache_file) if cache_file else {}
     pending: list = []   # at most one file waiting for its `commit` member
@@ -430,12 +332,14 @@ def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=No
             tar = TarReader(instream)
             for member in iter(tar.next, None):
                 _apply_member(tar, member, top, allow_delete, progress, finisher, report,
-                              verified, pending, cache, seen)
+                              verified, pending, cache, seen, packs)
+            packs.drain(verified, report)
             if pending:
                 _commit(None, None, pending, finisher)
         finally:
             for tmp in [p[0] for p in pending]:
                 unlink_quiet(tmp)
+            packs.close(verified, report)   # packs still landing after a failure: wait
             finisher.close()   # files verified before a failure still land
     except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
         raise AgentError("The sync stream is damaged or was cut (%s)." % err,
@@ -444,9 +348,10 @@ def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=No
         raise AgentError("Could not write into %s: %s." % (top, err),
                          "Check free disk space and permissions, then run the sync again.") from err
     finally:
-        landed = {rel: v for rel, v in verified.items() if os.path.join(top, rel)
-                  in finisher.landed}
-        update_cache(cache_file, top, landed)
+        stats = finisher.landed
+        update_cache(cache_file, {rel: (stats[top + "/" + rel], sha, blocks)
+                                  for rel, (sha, blocks) in verified.items()
+                                  if top + "/" + rel in stats})
     return report
 
 
@@ -465,8 +370,10 @@ def _commit(member, rel, pending, finisher):
 
 
 def _apply_member(tar, member, top, allow_delete, progress, finisher, report, verified,
-                  pending, cache, seen):
+                  pending, cache, seen, packs):
     op, rel = _check_member(member)
+    if op != "pack":
+        packs.drain(verified, report)   # no member changes the tree under a landing pack
     if pending or op == "commit":
         if not pending:
             raise AgentError("Refusing tar member '%s': a checksum with no file before it." % rel,
@@ -477,7 +384,7 @@ def _apply_member(tar, member, top, allow_delete, progress, finisher, report, ve
     if op in ("link", "delete", "rmdir"):
         seen.clear()
     if op == "pack":
-        return _receive_pack(tar, member, top, progress, finisher, report, verified, seen)
+        return _receive_pack(tar, member, top, seen, packs)
     dest = _safe_parent(top, rel, seen)
     if op == "file":
         verified[rel] = _receive_file(tar, member, dest, rel, progress, finisher, pending)

@@ -92,6 +92,7 @@ class Rsync:
 
     def tar_floor(self, local: Path, remote: str) -> float:
         """`tar c | ssh host tar x`: what the raw pipe allows (no checks, no fsync)."""
+        settle()
         start = time.monotonic()
         subprocess.run(f"tar cf - -C {shlex.quote(str(local))} . | {self.ssh} {self.host} "
                        f"{shlex.quote(f'mkdir -p {remote} && tar xf - -C {remote}')}",
@@ -99,6 +100,7 @@ class Rsync:
         return time.monotonic() - start
 
     def run(self, src: str, dst: str, counter: str) -> tuple[float, int]:
+        settle()
         start = time.monotonic()
         out = subprocess.run(["rsync", "-a", "--stats", "-e", self.ssh, src, dst],
                              check=True, capture_output=True, text=True).stdout
@@ -114,38 +116,25 @@ class Rsync:
         return self.run(f"{self.dest}:{remote}/", f"{local}/", "received")
 
 
-class NoFsync:
-    """--no-fsync: the host's agent skips fsync before rename (CUBE_SYNC_FSYNC=0), to show
-    what durability costs; rsync -a does not fsync."""
+DURABLE = [False]   # --durable: pushes as with CUBE_SYNC_DURABLE=1
 
-    def __init__(self, conn):
-        self.conn, self.client, self.root = conn, conn.client, conn.root
 
-    def agent_argv(self, *args):
-        return ["env", "CUBE_SYNC_FSYNC=0", *self.conn.agent_argv(*args)]
-
-    def agent(self, *args, **kwargs):
-        return self.conn.agent(*args, **kwargs)
-
-    def agent_stream(self, *args, size=None):
-        return self.conn.open_stream(self.agent_argv(*args))  # never in the session: its agent fsyncs
-
-    def run(self, *args, **kwargs):
-        return self.conn.run(*args, **kwargs)
-
-    def close(self):
-        self.conn.close()
+def settle() -> None:
+    """Write back what the previous step left dirty, untimed: no tool pays for another's data."""
+    os.sync()
 
 
 def cube_push(conn, ws: Path, remote: str) -> tuple[float, int]:
     from controller import sync
+    settle()
     start = time.monotonic()
-    report = sync.push(conn, ws, remote, progress=False)
+    report = sync.push(conn, ws, remote, progress=False, durable=DURABLE[0])
     return time.monotonic() - start, report.bytes_sent
 
 
 def cube_pull(conn, remote: str, local: Path) -> tuple[float, int]:
     from controller import sync
+    settle()
     start = time.monotonic()
     report = sync.pull(conn, remote, local, progress=False)
     return time.monotonic() - start, report.bytes_sent
@@ -168,33 +157,43 @@ def fmt_row(name: str, cube: tuple[float, int], rsync: tuple[float, int]) -> str
 
 def one_run(conn, rsync: Rsync, ws: Path, small: Path, tmp: Path, root: str,
             run: int) -> dict[str, tuple]:
+    """The six cases, each as (cube, rsync). Even runs time cube first, odd runs rsync first.
+    Nothing is deleted until every run is over (see main): on ext4, creating files soon after
+    many were deleted costs more, and would fall on whichever tool came next."""
     from controller import sync
     cube_dir, rsync_dir = f"bench/cube-{run}", f"{root}/bench/rsync-{run}"
     cube_small, rsync_small = f"bench/cube-small-{run}", f"{root}/bench/rsync-small-{run}"
     conn.run(["mkdir", "-p", rsync_dir, rsync_small])
+
+    def pair(cube_step, rsync_step):
+        if run % 2:
+            theirs = rsync_step()
+            return cube_step(), theirs
+        return cube_step(), rsync_step()
+
     for tree in (ws, small):
         Path(sync.local_cache_file(tree)).unlink(missing_ok=True)   # a first push knows nothing
         warm_page_cache(tree)
-    rows = {"first push 1.1 GiB": (cube_push(conn, ws, cube_dir), rsync.push(ws, rsync_dir)),
-            "no-change re-push": (cube_push(conn, ws, cube_dir), rsync.push(ws, rsync_dir))}
-    change_one_mib(ws / "big1.bin", 100 * MiB + 4321)          # not block-aligned
-    rows["1 MiB changed"] = (cube_push(conn, ws, cube_dir), rsync.push(ws, rsync_dir))
-    rows["10k files first push"] = (cube_push(conn, small, cube_small),
-                                    rsync.push(small, rsync_small))
-    rows["10k files no-change"] = (cube_push(conn, small, cube_small),
-                                   rsync.push(small, rsync_small))
+    rows = {"first push 1.1 GiB": pair(lambda: cube_push(conn, ws, cube_dir),
+                                       lambda: rsync.push(ws, rsync_dir)),
+            "no-change re-push": pair(lambda: cube_push(conn, ws, cube_dir),
+                                      lambda: rsync.push(ws, rsync_dir))}
+    change_one_mib(ws / "big1.bin", 100 * MiB + 4321 + run * 7 * MiB)   # not block-aligned
+    rows["1 MiB changed"] = pair(lambda: cube_push(conn, ws, cube_dir),
+                                 lambda: rsync.push(ws, rsync_dir))
+    rows["10k files first push"] = pair(lambda: cube_push(conn, small, cube_small),
+                                        lambda: rsync.push(small, rsync_small))
+    rows["10k files no-change"] = pair(lambda: cube_push(conn, small, cube_small),
+                                       lambda: rsync.push(small, rsync_small))
     back, rback = tmp / f"pull-cube-{run}", tmp / f"pull-rsync-{run}"
     rback.mkdir()
-    rows["pull 1.1 GiB"] = (cube_pull(conn, cube_dir, back), rsync.pull(rsync_dir, rback))
-    shutil.rmtree(back)
-    shutil.rmtree(rback)
+    rows["pull 1.1 GiB"] = pair(lambda: cube_pull(conn, cube_dir, back),
+                                lambda: rsync.pull(rsync_dir, rback))
     floor = (rsync.tar_floor(ws, f"{root}/bench/tar-{run}"),
              rsync.tar_floor(small, f"{root}/bench/tar-small-{run}"))
     rows["tar | ssh floor"] = ((floor[0], 0), (floor[1], 0))
     for name, (c, r) in rows.items():
         print(fmt_row(name, c, r) if name != "tar | ssh floor" else fmt_floor(floor), flush=True)
-    conn.run(["rm", "-rf", f"{root}/{cube_dir}", rsync_dir, f"{root}/{cube_small}", rsync_small,
-              f"{root}/bench/tar-{run}", f"{root}/bench/tar-small-{run}"])
     return rows
 
 
@@ -251,8 +250,9 @@ def main() -> None:
     ap.add_argument("--big-size-mib", type=int, default=256)
     ap.add_argument("--big", action="store_true", help="also push+pull a 2.5 GiB file")
     ap.add_argument("--skip-main", action="store_true", help="only the --big test")
-    ap.add_argument("--no-fsync", action="store_true",
-                    help="host agent skips fsync before rename (shows what durability costs)")
+    ap.add_argument("--durable", action="store_true",
+                    help="pushes force their data to disk before answering (CUBE_SYNC_DURABLE=1),"
+                         " to show what that costs; rsync -a does not")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cube-sync-bench-"))
     os.environ["CUBE_HOME"] = str(tmp / "cube-home")
@@ -264,10 +264,10 @@ def main() -> None:
         rsync = Rsync(host, lab.user_key(), tmp / "cube-home" / "known_hosts", tmp / "cm")
         warm_cube(conn, tmp)
         print(f"host {host.name} ({host.mode}) {host.address}:{host.port}; cube's bulk path "
-              f"{'OpenSSH' if conn.ssh._bulk else 'paramiko'}; fsync before rename: "
-              f"{'off' if args.no_fsync else 'on'}; {os.cpu_count()} cores", flush=True)
-        if args.no_fsync:
-            conn = NoFsync(conn)
+              f"{'OpenSSH' if conn.ssh._bulk else 'paramiko'}; pushes durable: "
+              f"{'yes' if args.durable else 'no (as rsync)'}; pulls durable: yes; "
+              f"{os.cpu_count()} cores", flush=True)
+        DURABLE[0] = args.durable
         if not args.skip_main:
             ws, small = tmp / "ws", tmp / "small"
             build_workspace(ws, args.small, args.big_files, args.big_size_mib * MiB)
@@ -281,8 +281,7 @@ def main() -> None:
                                  for k in (0, 1)) for side in (0, 1)]
                     print(fmt_row(name, *med) if name != "tar | ssh floor"
                           else fmt_floor((med[0][0], med[1][0])))
-            shutil.rmtree(ws)
-            shutil.rmtree(small)
+            conn.run(["rm", "-rf", f"{conn.root}/bench"])
         if args.big:
             big_test(conn, rsync, tmp, conn.root, 2560 * MiB)
         rsync.close()

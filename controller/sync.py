@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,9 +43,13 @@ class SyncReport:
 
 
 def push(target: Target, local_dir, remote_dir: str, *, paths=None, ignore=True, delete=True,
-         progress=None, exclude=()) -> SyncReport:
+         progress=None, exclude=(), durable: bool | None = None) -> SyncReport:
     """Make remote_dir (relative to the host's cube root, or absolute) a copy of local_dir.
-    `exclude`: relative folders left out on both sides (neither sent nor deleted)."""
+    `exclude`: relative folders left out on both sides (neither sent nor deleted).
+    `durable`: the host forces the data to disk before answering (default: CUBE_SYNC_DURABLE=1).
+    Without it a push is as durable as rsync's: the host's copy is a copy of ours, and after a
+    host crash the next push finds and resends whatever did not reach its disk (hash caches
+    are trusted within one boot only)."""
     start, local_dir = time.monotonic(), Path(local_dir)
     if not local_dir.is_dir():
         raise CubeError(f"Cannot push '{local_dir}': it is not a directory.",
@@ -61,7 +66,10 @@ def push(target: Target, local_dir, remote_dir: str, *, paths=None, ignore=True,
     ops = agent.plan(local, remote, delete)
     if not ops:
         return SyncReport(seconds=time.monotonic() - start)
-    args = ["receive", remote_dir] + (["--delete"] if delete else [])
+    if durable is None:
+        durable = os.environ.get("CUBE_SYNC_DURABLE", "0") == "1"
+    args = ["receive", remote_dir] + (["--delete"] if delete else []) \
+        + (["--durable"] if durable else [])
     size = _payload(ops, local)
     stream = target.agent_stream(*args, size=size)
     with _bar(progress, size, "push") as tick:
@@ -72,7 +80,8 @@ def push(target: Target, local_dir, remote_dir: str, *, paths=None, ignore=True,
 
 def pull(target: Target, remote_dir: str, local_dir, *, paths=None,
          progress=None) -> SyncReport:
-    """Copy remote_dir (or its `paths`) into local_dir; never deletes local files."""
+    """Copy remote_dir (or its `paths`) into local_dir; never deletes local files. Always
+    durable: pulled outputs may soon be the only copy (the host's job can be pruned)."""
     start, local_dir = time.monotonic(), Path(local_dir)
     remote = remote_manifest(target, remote_dir, True)
     if not remote["exists"]:

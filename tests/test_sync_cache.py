@@ -108,18 +108,49 @@ def test_landing_syncs_the_filesystem_only_where_it_saves_fsyncs(tmp_path, monke
     """Many landed files are made durable by one syncfs, unless other writers' unwritten data
     (which syncfs would wait for) outweighs the fsyncs it saves; the renames happen only after."""
     calls: list[str] = []
-    monkeypatch.setattr(landing, "FSYNC", True)
     monkeypatch.setattr(landing, "dirty_bytes", lambda: others_dirty)
     monkeypatch.setattr(landing, "sync_filesystem", lambda path: calls.append("syncfs") or True)
     monkeypatch.setattr(landing, "fsync_path", lambda path: calls.append("fsync"))
     count = 100 if many else 10
-    finisher = landing.Finisher(str(tmp_path))
+    finisher = landing.Finisher(str(tmp_path), durable=True)
     for i in range(count):
         (tmp_path / f"tmp{i}").write_bytes(b"x")
         finisher.submit(str(tmp_path / f"tmp{i}"), str(tmp_path / f"f{i}"), 1)
     finisher.close()
     assert calls == expect
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"f{i}" for i in range(count))
+
+
+def test_a_landing_that_need_not_be_durable_renames_without_flushing(tmp_path, monkeypatch):
+    """A push's default: files land by rename at once, nothing waits for the disk."""
+    calls: list[str] = []
+    monkeypatch.setattr(landing, "sync_filesystem", lambda path: calls.append("syncfs") or True)
+    monkeypatch.setattr(landing, "fsync_path", lambda path: calls.append("fsync"))
+    finisher = landing.Finisher(str(tmp_path), durable=False)
+    for i in range(100):
+        (tmp_path / f"tmp{i}").write_bytes(b"x")
+        finisher.submit(str(tmp_path / f"tmp{i}"), str(tmp_path / f"f{i}"), 1)
+    finisher.close()
+    assert calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"f{i}" for i in range(100))
+
+
+def test_a_hash_cache_from_an_earlier_boot_is_not_trusted(tmp_path, monkeypatch):
+    """After a crash a file's stat can survive while its unflushed data did not: every row of a
+    cache written before the last boot is ignored, so the file is hashed again."""
+    from agent import manifest
+    write(tmp_path / "t" / "a.txt", b"hello")
+    os.utime(tmp_path / "t" / "a.txt", (1e9, 1e9))
+    cache = str(tmp_path / "cache.json")
+    agent.scan(str(tmp_path / "t"), cache)
+    assert agent.scan(str(tmp_path / "t"), cache)["files"]["a.txt"]["sha256"]
+    before = dict(agent.HASH_STATS)
+    agent.scan(str(tmp_path / "t"), cache)
+    assert agent.HASH_STATS == before                     # same boot: the cache vouches
+    monkeypatch.setattr(manifest, "boot_id", lambda: "another-boot")
+    assert manifest.load_cache(cache) == {}
+    agent.scan(str(tmp_path / "t"), cache)
+    assert agent.HASH_STATS["files"] == before["files"] + 1   # hashed again
 
 
 def test_syncfs_is_real_on_linux(tmp_path):

@@ -1,0 +1,149 @@
+"""Small files travel in `pack` members: one pax header whose CUBE.index lists each file
+([path, size, mode, mtime_ns, sha256], JSON) before their data, back to back. Per file that
+saves two tar headers (1 KiB or more on the wire) and most of the work of writing and parsing
+them, which cost more than a small file's own bytes.
+
+`Pack` fills them on the sending side. On the receiving side agent.tarstream checks every path
+of a pack (in stream order, on its own thread) and hands the pack to a `PackLander`, whose
+worker threads verify each file and write it to a temp file while the stream reads on: creating
+thousands of files is kernel work, and the threads let it use every core (Python releases the
+GIL around each system call and around hashing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from .landing import check_sha, new_temp_file, unlink_quiet, write_all
+from .protocol import AgentError
+from .tarformat import Member
+
+SMALL_FILE = 1 << 20   # read whole and hashed before it is sent: never a `commit` member
+MAX_PACK = 64 << 20    # a received pack is held in memory whole; ours are about 4 MiB
+
+
+class Pack:
+    """The sending side: collects small files and writes them as one member when full."""
+
+    MAX_BYTES, MAX_FILES = 4 << 20, 2048
+
+    def __init__(self, tar):
+        self.tar, self.index, self.data, self.size = tar, [], [], 0
+
+    def add(self, top, rel, entry):
+        """Read one small file into the pack (hashing it unless its digest is known); returns
+        hash-cache rows for a file hashed here. Sends the pack once it is full."""
+        with open(os.path.join(top, rel), "rb", buffering=0) as f:
+            data = f.read(entry["size"] + 1)
+        if len(data) != entry["size"]:
+            raise AgentError("'%s' changed size while it was being sent." % rel,
+                             "Run the sync again once the file is no longer being written.")
+        sha = entry["sha256"] or hashlib.sha256(data).hexdigest()   # small: no blocks
+        self.index.append([rel, len(data), entry["mode"], entry["mtime_ns"], sha])
+        self.data.append(data)
+        self.size += len(data)
+        if self.size >= self.MAX_BYTES or len(self.index) >= self.MAX_FILES:
+            self.send()
+        key = entry.get("key")
+        return {rel: key + [sha, None]} if key and not entry["sha256"] else {}
+
+    def send(self):
+        if self.index:
+            records = {"CUBE.op": "pack", "CUBE.index": json.dumps(self.index)}
+            self.tar.addfile(Member(self.index[0][0], self.size, records), self.data)
+            self.index, self.data, self.size = [], [], 0
+
+
+def pack_index(member):
+    """The rows of a received pack, refused unless they are rows Pack writes and their sizes
+    add up to the member's data."""
+    try:
+        index = json.loads(member.pax_headers.get("CUBE.index", ""))
+        if all(type(rel) is str and type(sha) is str and all(
+                type(n) is int and n >= 0 for n in (size, mode, mtime))
+               for rel, size, mode, mtime, sha in index) \
+                and sum(row[1] for row in index) == member.size <= MAX_PACK:
+            return index
+    except (ValueError, TypeError):
+        pass
+    raise AgentError("Refusing tar member '%s': its pack index is not a cube sync index, or "
+                     "does not match its data." % member.name,
+                     "The other side sent a stream cube did not make; do not trust it.")
+
+
+class PackLander:
+    """Lands the files of received packs on worker threads. `land` queues one pack whose paths
+    were already checked; `drain` waits for every queued pack, adds what landed to `verified`
+    and `report`, and raises the first failure. The stream's reader drains before any member
+    that is not a pack (a link, delete or rmdir could otherwise change a folder under a file
+    still being written) and at the end."""
+
+    WORKERS = 2      # measured on 2 cores: more threads add only contention
+    IN_FLIGHT = 6    # packs queued at most (about 4 MiB each)
+
+    def __init__(self, finisher, progress):
+        self.finisher, self.progress = finisher, progress
+        # Imported here: start-up time that only receivers need (see agent.landing.Finisher).
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+        self.pool = ThreadPoolExecutor(self.WORKERS)
+        self.futures: list = []
+        self.umask = os.umask(0o022)   # umask() only reads by setting: put it back at once
+        os.umask(self.umask)
+
+    def land(self, rows, dests, data):
+        if len(self.futures) >= self.IN_FLIGHT:   # bound the memory held by queued packs
+            self.futures[-self.IN_FLIGHT].result()
+        self.futures.append(self.pool.submit(self._land_all, rows, dests, data))
+
+    def _land_all(self, rows, dests, data):
+        view, offset, done = memoryview(data), 0, {}
+        try:
+            for (rel, size, mode, mtime, sha), dest in zip(rows, dests):
+                done[rel] = self._land_one(view[offset:offset + size], dest, rel, sha, mode,
+                                           mtime)
+                offset += size
+                if self.progress:
+                    self.progress(size)
+        except BaseException as err:   # what landed before the failure still counts
+            return done, offset, err
+        return done, offset, None
+
+    def _land_one(self, data, dest, rel, want_sha, mode, mtime):
+        """Verified before anything is written; the temp file gets its data, mode and mtime
+        through one descriptor (created with its mode where the umask allows, else chmod)."""
+        sha = hashlib.sha256(data).hexdigest()   # under BLOCK_THRESHOLD: no block digests
+        check_sha(rel, want_sha, sha)
+        perm = mode & 0o7777
+        tmp, fd = new_temp_file(dest, perm & 0o777)
+        try:
+            try:
+                write_all(fd, data)
+                if perm != perm & 0o777 & ~self.umask:
+                    os.fchmod(fd, perm)
+                os.utime(fd, ns=(mtime, mtime))
+            finally:
+                os.close(fd)
+            self.finisher.submit(tmp, dest, len(data))
+        except BaseException:
+            unlink_quiet(tmp)
+            raise
+        return sha, None
+
+    def drain(self, verified, report, raise_failure=True):
+        first = None
+        for future in self.futures:
+            done, size, err = future.result()
+            verified.update(done)
+            report["files"] += len(done)
+            report["bytes"] += size
+            first = first or err
+        self.futures = []
+        if first is not None and raise_failure:
+            raise first
+
+    def close(self, verified, report):
+        """Wait for every queued pack (after a failure elsewhere: theirs is not raised)."""
+        self.drain(verified, report, raise_failure=False)
+        self.pool.shutdown(wait=True)
