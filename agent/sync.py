@@ -17,16 +17,19 @@ from .manifest import (
     changed_blocks,
     check_link,
     check_rel,
+    from_wire,
+    gc_paused,
     plan,
     record_hashes,
     scan,
+    to_wire,
 )
 from .protocol import AgentError, arg, verb
 from .tarstream import apply_stream, write_stream
 
 __all__ = ["AgentError", "BLOCK_SIZE", "BLOCK_THRESHOLD", "HASH_STATS", "apply_stream",
-           "cache_file", "changed_blocks", "check_link", "check_rel", "plan", "record_hashes",
-           "scan", "write_stream"]
+           "cache_file", "changed_blocks", "check_link", "check_rel", "from_wire", "gc_paused",
+           "plan", "record_hashes", "scan", "write_stream"]
 
 DIR = arg("dir", help="directory, relative to --root unless absolute")
 
@@ -38,7 +41,7 @@ def sync_dir(args):
 @verb("manifest", DIR, arg("--all", action="store_true", help="no built-in ignores"))
 def manifest(args):
     d = sync_dir(args)
-    return scan(d, cache_file(d, args.root), builtin_ignores=not args.all)
+    return to_wire(scan(d, cache_file(d, args.root), builtin_ignores=not args.all))
 
 
 @verb("receive", DIR, arg("--delete", action="store_true", help="honour delete entries"),

@@ -54,13 +54,12 @@ def push(target: Target, local_dir, remote_dir: str, *, paths=None, ignore=True,
     if not local_dir.is_dir():
         raise CubeError(f"Cannot push '{local_dir}': it is not a directory.",
                         "Pass the cube's directory.")
-    with ThreadPoolExecutor(1) as pool:   # the host scans while we scan
-        remote_job = pool.submit(remote_manifest, target, remote_dir, not ignore)
-        local = agent.scan(str(local_dir), local_cache_file(local_dir), builtin_ignores=ignore,
-                           need_hash=_compared(remote_job))
-        remote = remote_job.result()
     keep = _keeper(local_dir if ignore else None, paths, exclude)
-    local, remote = keep(local), keep(remote)
+    with ThreadPoolExecutor(1) as pool:   # the host scans while we scan (and filter)
+        remote_job = pool.submit(remote_manifest, target, remote_dir, not ignore)
+        local = keep(agent.scan(str(local_dir), local_cache_file(local_dir),
+                                builtin_ignores=ignore, need_hash=_compared(remote_job)))
+        remote = keep(remote_job.result())   # mostly paths `keep` has answered already
     for rel, link in local["links"].items():
         _agent_call(agent.check_link, rel, link)
     ops = agent.plan(local, remote, delete)
@@ -118,7 +117,9 @@ def _compared(remote_job):
 
 def remote_manifest(target: Target, remote_dir: str, everything: bool) -> dict:
     """The other side's manifest of remote_dir, from its agent."""
-    return target.agent("manifest", remote_dir, *(["--all"] if everything else []))
+    with agent.gc_paused():   # its JSON is parsed in here
+        return agent.from_wire(
+            target.agent("manifest", remote_dir, *(["--all"] if everything else [])))
 
 
 def local_cache_file(local_dir) -> str:
