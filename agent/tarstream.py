@@ -23,6 +23,7 @@ from .manifest import (
     changed_blocks,
     check_link,
     check_rel,
+    gc_paused,
     load_cache,
     update_cache,
 )
@@ -79,6 +80,11 @@ def _add_file(tar, top, rel, entry, base_blocks):
 def write_stream(top, ops, out, manifest):
     """Write the sync stream for ops (entries taken from top's manifest) to a binary file.
     Returns hash-cache rows for files hashed while streaming."""
+    with gc_paused():   # objects by the file, no cycles: see manifest.gc_paused
+        return _write_stream(top, ops, out, manifest)
+
+
+def _write_stream(top, ops, out, manifest):
     tar = TarWriter(out)
     pack, hashed = Pack(tar), {}
     for op in ops:
@@ -318,6 +324,11 @@ def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=No
                  durable=True):
     """Apply a sync stream under top. Returns counts; files verified land by rename, made
     durable first when `durable` (see agent.landing.Finisher)."""
+    with gc_paused():   # objects by the file, no cycles: see manifest.gc_paused
+        return _apply_stream(top, instream, allow_delete, cache_file, progress, durable)
+
+
+def _apply_stream(top, instream, allow_delete, cache_file, progress, durable):
     os.makedirs(top, exist_ok=True)
     top = os.path.realpath(top)
     clean_stale_tmp(top)

@@ -159,3 +159,54 @@ def test_syncfs_is_real_on_linux(tmp_path):
     assert landing.sync_filesystem(str(tmp_path)) is True
     with pytest.raises(OSError):
         landing.sync_filesystem(str(tmp_path / "missing"))
+
+
+def test_a_large_file_is_swapped_in_when_not_durable_and_the_old_version_removed(tmp_path,
+                                                                                  monkeypatch):
+    """RENAME_EXCHANGE (no ext4 flush): the new version in place, no temp file left, and a
+    folder in the way is never swapped out."""
+    dest, tmp = tmp_path / "big.bin", tmp_path / ".cube-tmp-1"
+    dest.write_bytes(b"old" * 1000)
+    data = os.urandom(2 * MiB)
+    tmp.write_bytes(data)
+    calls: list[tuple] = []
+    real = landing.exchange
+    monkeypatch.setattr(landing, "exchange", lambda a, b: calls.append((a, b)) or real(a, b))
+    finisher = landing.Finisher(str(tmp_path), durable=False)
+    finisher.submit(str(tmp), str(dest), len(data))
+    (tmp_path / "dir").mkdir()
+    (tmp_path / ".cube-tmp-2").write_bytes(data)
+    finisher.submit(str(tmp_path / ".cube-tmp-2"), str(tmp_path / "dir"), len(data))
+    with pytest.raises(OSError):
+        finisher.close()   # a file may not replace a folder
+    assert calls == [(str(tmp), str(dest))]
+    assert dest.read_bytes() == data
+    assert (tmp_path / "dir").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "dir"]
+    assert finisher.landed[str(dest)].st_ino == dest.stat().st_ino
+
+
+def test_renameat2_exchange_is_real_on_linux(tmp_path):
+    """The libc call behind the swap answers on this machine and really swaps."""
+    (tmp_path / "a").write_bytes(b"A")
+    (tmp_path / "b").write_bytes(b"B")
+    assert landing.exchange(str(tmp_path / "a"), str(tmp_path / "b")) is True
+    assert (tmp_path / "a").read_bytes() == b"B" and (tmp_path / "b").read_bytes() == b"A"
+
+
+def test_a_push_asks_for_durability_only_when_told(work, conn, monkeypatch):
+    """push(durable=True) or CUBE_SYNC_DURABLE=1 makes the host's receive durable (--durable);
+    by default a push does not wait for the host's disk. The tree arrives the same either way."""
+    verbs: list[tuple] = []
+    real = conn.agent_stream
+    monkeypatch.setattr(conn, "agent_stream",
+                        lambda *args, size=None: verbs.append(args) or real(*args, size=size))
+    sync.push(conn, work, "cubes/c", durable=True)
+    monkeypatch.setenv("CUBE_SYNC_DURABLE", "1")
+    write(work / "main.py", "print('env')\n")
+    sync.push(conn, work, "cubes/c")
+    monkeypatch.delenv("CUBE_SYNC_DURABLE")
+    write(work / "main.py", "print('default')\n")
+    sync.push(conn, work, "cubes/c")
+    assert ["--durable" in args for args in verbs] == [True, True, False]
+    assert tree(host_dir(conn)) == tree(work)
