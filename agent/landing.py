@@ -16,12 +16,13 @@ from .protocol import AgentError
 TMP_PREFIX = ".cube-tmp-"   # temp files of a landing; scans skip them
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 _temp_numbers = itertools.count(1)   # next() on it is atomic: threads share it
+_pid = [os.getpid()]   # a system call per temp name adds up over 10,000 files
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 def temp_name(dest):
     """A name beside dest for what will replace it (unique in this process and its threads)."""
-    return os.path.join(os.path.dirname(dest),
-                        "%s%d-%d" % (TMP_PREFIX, os.getpid(), next(_temp_numbers)))
+    return "%s%s%d-%d" % (dest[:dest.rfind("/") + 1], TMP_PREFIX, _pid[0], next(_temp_numbers))
 
 
 def new_temp_file(dest, mode=0o600):
@@ -39,9 +40,11 @@ def check_sha(rel, want_sha, got_sha):
 
 
 def write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    done = os.write(fd, data)   # a regular file takes it whole, short of an error
+    if done < len(data):
+        view = memoryview(data)[done:]
+        while view:
+            view = view[os.write(fd, view):]
 
 
 class Finisher:
