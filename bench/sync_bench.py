@@ -16,7 +16,11 @@ ratios cube/rsync, then `tar c | ssh host tar x` of both trees as the raw-pipe f
 Fairness: both sides are warm, as within `cube remote run`. cube uses its open connection (and
 the OpenSSH master it starts for bulk streams, warmed before timing); rsync and the tar floor
 use a warm OpenSSH ControlMaster, so neither pays a handshake. rsync keeps OpenSSH's default
-cipher, as `rsync -a` users get it. `--big` also pushes and pulls a 2.5 GiB file both ways,
+cipher, as `rsync -a` users get it. Each step starts after `sync` (no tool pays for another's
+writeback), even runs time cube first and odd runs rsync first, and nothing is deleted until
+every run is over (on ext4, creating files soon after many were deleted costs more, and would
+fall on whichever tool came next). Neither cube's push (unless --durable) nor rsync waits for
+the host's disk. `--big` also pushes and pulls a 2.5 GiB file both ways,
 checking sha256 on arrival. Targets (issue 14): every time ratio <= 1.0; bytes on the 1 MiB
 change within 1.2x of rsync's.
 """
