@@ -233,9 +233,10 @@ def exchange(a, b):
 def _replaceable_by_swap(path):
     """A regular file or a symlink (never a folder) is there to be swapped out."""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode) or stat.S_ISLNK(os.lstat(path).st_mode)
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return False
+    return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
 
 
 def fsync_path(path):

@@ -210,3 +210,25 @@ def test_a_push_asks_for_durability_only_when_told(work, conn, monkeypatch):
     sync.push(conn, work, "cubes/c")
     assert ["--durable" in args for args in verbs] == [True, True, False]
     assert tree(host_dir(conn)) == tree(work)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_packed_files_land_with_their_own_modes_whatever_the_umask(tmp_path, umask):
+    """A packed file is created with its mode where the umask lets it through, and chmod-ed
+    where it does not: either way it lands with the sender's mode."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    modes = {"a.txt": 0o644, "run.sh": 0o755, "secret": 0o600, "shared": 0o666, "ro": 0o444}
+    for name, mode in modes.items():
+        write(src / name, name.encode())
+        os.chmod(src / name, mode)
+    mine = agent.scan(str(src))
+    out = io.BytesIO()
+    agent.write_stream(str(src), agent.plan(mine, agent.scan(str(dst)), True), out, mine)
+    out.seek(0)
+    old = os.umask(umask)
+    try:
+        agent.apply_stream(str(dst), out, True, None, durable=False)
+    finally:
+        os.umask(old)
+    assert {name: (dst / name).stat().st_mode & 0o7777 for name in modes} == modes
+    assert tree(dst) == tree(src)
