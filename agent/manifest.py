@@ -109,26 +109,30 @@ PARALLEL_HASH_MIN = 32 << 20   # larger files are hashed on several threads
 
 def hash_file(path):
     """A file's digest (and block digests when large) in one pass over large buffers."""
-    buf, total = bytearray(BLOCK_SIZE), 0
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         threads = min(os.cpu_count() or 1, 4)
         if size >= PARALLEL_HASH_MIN and threads > 1:
             blocks, total = _block_digests(f.fileno(), size, threads)
-            HASH_STATS["files"] += 1
-            HASH_STATS["bytes"] += total
-            return list_digest(blocks), blocks
-        digester = Digester(size)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            total += n
-            digester.update(view[:n])
+            result = list_digest(blocks), blocks
+        else:
+            result, total = _hash_in_order(f, size)
     HASH_STATS["files"] += 1
     HASH_STATS["bytes"] += total
-    return digester.result()
+    return result
+
+
+def _hash_in_order(f, size):
+    """((digest, blocks or None), bytes read) of an open file, read in one pass."""
+    buf, total, digester = bytearray(BLOCK_SIZE), 0, Digester(size)
+    view = memoryview(buf)
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            break
+        total += n
+        digester.update(view[:n])
+    return digester.result(), total
 
 
 def _block_digests(fd, size, threads):

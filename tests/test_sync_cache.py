@@ -232,3 +232,17 @@ def test_packed_files_land_with_their_own_modes_whatever_the_umask(tmp_path, uma
         os.umask(old)
     assert {name: (dst / name).stat().st_mode & 0o7777 for name in modes} == modes
     assert tree(dst) == tree(src)
+
+
+def test_a_large_file_hashed_on_several_threads_has_the_digest_of_one_pass(tmp_path, monkeypatch):
+    """The threaded block digests (files of PARALLEL_HASH_MIN and more) equal what Digester
+    computes in one pass, as the receiver does while the bytes stream in."""
+    from agent import manifest
+    data = os.urandom(manifest.PARALLEL_HASH_MIN + 3 * manifest.BLOCK_SIZE + 123)
+    write(tmp_path / "big.bin", data)
+    digester = manifest.Digester(len(data))
+    digester.update(data)
+    one_pass = digester.result()
+    assert manifest.hash_file(str(tmp_path / "big.bin")) == one_pass
+    monkeypatch.setattr(manifest.os, "cpu_count", lambda: 1)   # the one-pass path itself
+    assert manifest.hash_file(str(tmp_path / "big.bin")) == one_pass
