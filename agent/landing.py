@@ -14,6 +14,7 @@ import threading
 from .protocol import AgentError
 
 TMP_PREFIX = ".cube-tmp-"   # temp files of a landing; scans skip them
+SWAP_MIN = 1 << 20   # see Finisher._rename: smaller files cost little to flush
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 _temp_numbers = itertools.count(1)   # next() on it is atomic: threads share it
 _pid = [os.getpid()]   # a system call per temp name adds up over 10,000 files
@@ -65,7 +66,6 @@ class Finisher:
     # Measured here: 10,000 small files took 1.3 s longer with fsyncs than with one syncfs;
     # at about 500 MB/s of writeback, the time to write 64 KiB a file.
     FSYNC_EQUIVALENT = 64 << 10
-    SWAP_MIN = 1 << 20   # see _rename: smaller files cost little to flush
 
     def __init__(self, top, durable=True):
         self.top, self.durable, self.batch, self.batch_bytes = top, durable, [], 0
@@ -76,7 +76,7 @@ class Finisher:
         self.pool = ThreadPoolExecutor(1)   # one worker: batches land in stream order
         self.fsyncs = ThreadPoolExecutor(16)   # concurrent fsyncs share journal commits
         self.errors, self.futures = [], []
-        self.landed = {}   # dest: its lstat after the rename (for the receiver's hash cache)
+        self.landed = {}   # dest: its stat after the rename (for the receiver's hash cache)
         self.lock = threading.Lock()
         self.submitting = threading.Lock()   # pack workers submit side by side
 
@@ -114,7 +114,7 @@ class Finisher:
         Where durability was not asked for, a large file is swapped in atomically instead
         (RENAME_EXCHANGE, which ext4 does not flush) and the old version removed."""
         try:
-            if not self.durable and size >= self.SWAP_MIN and _replaceable_by_swap(dest) \
+            if not self.durable and size >= SWAP_MIN and _replaceable_by_swap(dest) \
                     and exchange(tmp, dest):
                 unlink_quiet(tmp)   # the old version, now under the temp name
             else:

@@ -9,6 +9,7 @@ itself is agent.tarformat.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import tarfile
@@ -329,6 +330,11 @@ def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=No
 
 
 def _apply_stream(top, instream, allow_delete, cache_file, progress, durable):
+    tar = TarReader(instream)
+    try:   # nothing is made on this side before a stream has begun (a push may give up first)
+        first = tar.next()
+    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
+        raise _damaged(err) from err
     os.makedirs(top, exist_ok=True)
     top = os.path.realpath(top)
     clean_stale_tmp(top)
@@ -340,8 +346,7 @@ def _apply_stream(top, instream, allow_delete, cache_file, progress, durable):
     seen: set = set()
     try:
         try:
-            tar = TarReader(instream)
-            for member in iter(tar.next, None):
+            for member in itertools.chain((first,) if first else (), iter(tar.next, None)):
                 _apply_member(tar, member, top, allow_delete, progress, finisher, report,
                               verified, pending, cache, seen, packs)
             packs.drain(verified, report)
@@ -353,8 +358,7 @@ def _apply_stream(top, instream, allow_delete, cache_file, progress, durable):
             packs.close(verified, report)   # packs still landing after a failure: wait
             finisher.close()   # files verified before a failure still land
     except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
-        raise AgentError("The sync stream is damaged or was cut (%s)." % err,
-                         "Run the sync again; files already received are kept.") from err
+        raise _damaged(err) from err
     except OSError as err:
         raise AgentError("Could not write into %s: %s." % (top, err),
                          "Check free disk space and permissions, then run the sync again.") from err
@@ -364,6 +368,11 @@ def _apply_stream(top, instream, allow_delete, cache_file, progress, durable):
                                   for rel, (sha, blocks) in verified.items()
                                   if top + "/" + rel in stats})
     return report
+
+
+def _damaged(err):
+    return AgentError("The sync stream is damaged or was cut (%s)." % err,
+                      "Run the sync again; files already received are kept.")
 
 
 def _commit(member, rel, pending, finisher):

@@ -27,7 +27,7 @@ import pathspec
 from agent import sync as agent
 from controller import paths as cube_paths
 from controller.errors import CubeError
-from controller.streams import Stream
+from controller.streams import SESSION_STREAM_MAX, Stream
 from controller.target import Target
 
 IGNORE_FILE = ".cubeignore"
@@ -55,25 +55,32 @@ def push(target: Target, local_dir, remote_dir: str, *, paths=None, ignore=True,
         raise CubeError(f"Cannot push '{local_dir}': it is not a directory.",
                         "Pass the cube's directory.")
     keep = _keeper(local_dir if ignore else None, paths, exclude)
-    with ThreadPoolExecutor(1) as pool:   # the host scans while we scan (and filter)
-        remote_job = pool.submit(remote_manifest, target, remote_dir, not ignore)
-        local = keep(agent.scan(str(local_dir), local_cache_file(local_dir),
-                                builtin_ignores=ignore, need_hash=_compared(remote_job)))
-        remote = keep(remote_job.result())   # mostly paths `keep` has answered already
-    for rel, link in local["links"].items():
-        _agent_call(agent.check_link, rel, link)
-    ops = agent.plan(local, remote, delete)
-    if not ops:
-        return SyncReport(seconds=time.monotonic() - start)
     if durable is None:
         durable = os.environ.get("CUBE_SYNC_DURABLE", "0") == "1"
     args = ["receive", remote_dir] + (["--delete"] if delete else []) \
         + (["--durable"] if durable else [])
+    with ThreadPoolExecutor(2) as pool:   # the host scans while we scan (and filter)
+        remote_job = pool.submit(remote_manifest, target, remote_dir, not ignore)
+        early = _EarlyReceiver(pool, target, args, remote_job)
+        try:
+            local = keep(agent.scan(str(local_dir), local_cache_file(local_dir),
+                                    builtin_ignores=ignore, need_hash=_compared(remote_job),
+                                    on_file=early.saw))
+            remote = keep(remote_job.result())   # mostly paths `keep` has answered already
+            for rel, link in local["links"].items():
+                _agent_call(agent.check_link, rel, link)
+            ops = agent.plan(local, remote, delete)
+        except BaseException:
+            early.discard()
+            raise
     size = _payload(ops, local)
-    stream = target.agent_stream(*args, size=size)
+    stream = early.stream()   # used even when the plan is empty: it answers at once
+    if stream is None:
+        if not ops:
+            return SyncReport(seconds=time.monotonic() - start)
+        stream = target.agent_stream(*args, size=size)
     with _bar(progress, size, "push") as tick:
-        sent, result, hashed = _send_ops(stream, local_dir, ops, local, tick)
-    agent.record_hashes(local_cache_file(local_dir), hashed)
+        sent, result = _send_ops(stream, local_dir, ops, local, tick)
     return SyncReport(result["files"], sent, result["deleted"], time.monotonic() - start)
 
 
@@ -113,6 +120,42 @@ def _compared(remote_job):
         return theirs is not None and (theirs["size"] == st.st_size or (
             "blocks" in theirs and st.st_size >= agent.BLOCK_THRESHOLD))
     return need_hash
+
+
+class _EarlyReceiver:
+    """On a first push (the host has no file in remote_dir yet) every file will travel, so the
+    host's receiver is started while the local scan still runs, as soon as the scan has found
+    more than a session message carries: its start (a login shell and a Python on the host,
+    0.2-0.3 s) then overlaps the scan instead of following it. A later push, whose plan may
+    well be empty, starts nothing before it knows."""
+
+    def __init__(self, pool: ThreadPoolExecutor, target: Target, args: list[str],
+                 remote_job: Future):
+        self.pool, self.target, self.args, self.remote_job = pool, target, args, remote_job
+        self.seen, self.opening = 0, None   # type: int, Future | None
+
+    def saw(self, st) -> None:
+        """Called by the scan for each local file."""
+        if self.opening is not None:
+            return
+        self.seen += st.st_size
+        if self.seen > SESSION_STREAM_MAX and self.remote_job.done() \
+                and self.remote_job.exception() is None \
+                and not self.remote_job.result()["files"]:
+            self.opening = self.pool.submit(self.target.agent_stream, *self.args)
+
+    def stream(self) -> Stream | None:
+        """The receiver started early (its start's error, if any, raised here), else None."""
+        return self.opening.result() if self.opening is not None else None
+
+    def discard(self) -> None:
+        """The push failed before sending: end the receiver without a stream (it lands
+        nothing)."""
+        if self.opening is not None:
+            try:
+                self.opening.result().close()
+            except Exception:   # noqa: BLE001 (already failing: the first error is the one to report)
+                pass
 
 
 def remote_manifest(target: Target, remote_dir: str, everything: bool) -> dict:
@@ -186,17 +229,19 @@ class _Counting:
 
 
 def _send_ops(stream, local_dir, ops, manifest, tick):
-    counter, hashed = _Counting(stream, tick), {}
+    counter = _Counting(stream, tick)
     try:
         try:
             hashed = agent.write_stream(str(local_dir), ops, counter, manifest)
             stream.close_stdin()
+            # Our digests of our files hold whatever the host answers: kept while it finishes.
+            agent.record_hashes(local_cache_file(local_dir), hashed)
         except agent.AgentError as err:
             raise CubeError(err.message, err.hint) from None
         except (OSError, EOFError):
             pass   # the host stopped reading: its answer below says why
         out, code = stream.read(), stream.wait()
-        return counter.count, _agent_answer(stream, out, code), hashed
+        return counter.count, _agent_answer(stream, out, code)
     finally:
         stream.close()
 

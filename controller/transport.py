@@ -23,10 +23,6 @@ from controller.target import ExecResult
 
 __all__ = ["ConnectionLost", "HostTarget", "connect", "openssh_shell_argv", "store_host_key"]
 
-# Up to this size a stream to an agent verb rides inside the agent session (base64 in one
-# request) instead of a new SSH command, which costs a login shell and a Python start on the
-# host (0.5 s here).
-SESSION_STREAM_MAX = 8 << 20
 
 
 def connect(spec: HostSpec | str, *, accept_new_host_key: bool = False,
@@ -119,7 +115,7 @@ class HostTarget:
     def agent_stream(self, verb: str, *args: str, size: int | None = None) -> streams.Stream:
         """A byte stream to one agent verb; a small one (`size` known and <= 8 MiB) rides
         inside the agent session instead of costing a new SSH command."""
-        if size is not None and size <= SESSION_STREAM_MAX:
+        if size is not None and size <= streams.SESSION_STREAM_MAX:
             return streams.SessionStream(self.agent_client.exchange, [verb, *args])
         return self.open_stream(self.agent_argv(verb, *args))
 

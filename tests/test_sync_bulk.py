@@ -66,3 +66,13 @@ def test_bulk_streams_stay_on_paramiko_when_asked(ssh_conn, tmp_path, monkeypatc
     assert ssh_conn.ssh._bulk is None
     got = ssh_conn.run(["sha256sum", f"{ssh_conn.root}/{target}/f.bin"]).stdout.split()[0]
     assert got == hashlib.sha256(data).hexdigest()
+
+
+def test_bulk_agent_processes_run_under_the_sessions_python_without_site(ssh_conn):
+    """The interpreter the session found (an absolute path, not a `python3` shim to resolve
+    again), with -S: the agent imports only the standard library."""
+    python = ssh_conn.agent_client.session().greeting["python"]
+    argv = ssh_conn.agent_argv("receive", "cubes/x")
+    assert os.path.isabs(python) and argv[:3] == [python, "-S", ssh_conn.agent_client.path]
+    flags = ssh_conn.run([*argv[:2], "-c", "import sys; print(sys.flags.no_site, sys.prefix)"])
+    assert flags.stdout.split()[0] == "1"
