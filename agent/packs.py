@@ -28,12 +28,13 @@ class Pack:
 
     MAX_BYTES, MAX_FILES = 4 << 20, 2048
 
-    def __init__(self, tar):
+    def __init__(self, tar, hashed):
         self.tar, self.index, self.data, self.size = tar, [], [], 0
+        self.hashed = hashed   # {rel: hash-cache row} of the files hashed here
 
     def add(self, top, rel, entry):
-        """Read one small file into the pack (hashing it unless its digest is known); returns
-        hash-cache rows for a file hashed here. Sends the pack once it is full."""
+        """Read one small file into the pack (hashing it unless its digest is known, and then
+        adding its hash-cache row to `hashed`). Sends the pack once it is full."""
         fd = os.open(top + "/" + rel, os.O_RDONLY)   # no file object: 10,000s of small files
         try:
             data = os.read(fd, entry["size"] + 1)
@@ -42,14 +43,17 @@ class Pack:
         if len(data) != entry["size"]:
             raise AgentError("'%s' changed size while it was being sent." % rel,
                              "Run the sync again once the file is no longer being written.")
-        sha = entry["sha256"] or hashlib.sha256(data).hexdigest()   # small: no blocks
+        sha = entry["sha256"]
+        if sha is None:
+            sha = hashlib.sha256(data).hexdigest()   # small: no block digests
+            key = entry.get("key")
+            if key:
+                self.hashed[rel] = key + [sha, None]
         self.index.append([rel, len(data), entry["mode"], entry["mtime_ns"], sha])
         self.data.append(data)
         self.size += len(data)
         if self.size >= self.MAX_BYTES or len(self.index) >= self.MAX_FILES:
             self.send()
-        key = entry.get("key")
-        return {rel: key + [sha, None]} if key and not entry["sha256"] else {}
 
     def send(self):
         if self.index:
@@ -107,57 +111,13 @@ class PackLander:
         self.pool = ThreadPoolExecutor(self.WORKERS)
         self.futures: list = []
         self.umask = current_umask()
+        self.processes = 0   # threads only (agent.packforks forks)
 
     def land(self, rows, dests, data):
         if len(self.futures) >= self.IN_FLIGHT:   # bound the memory held by queued packs
             self.futures[-self.IN_FLIGHT].result()
-        self.futures.append(self.pool.submit(self._land_all, rows, dests, data))
-
-    def _land_all(self, rows, dests, data):
-        view, offset, done = memoryview(data), 0, {}
-        landed: dict = {}
-        # Not durable: nothing to wait for, so each file is renamed here, on this thread,
-        # and its stat taken through its descriptor (no path lookup, and surely our file).
-        direct = None if self.finisher.durable else landed
-        try:
-            for (rel, size, mode, mtime, sha), dest in zip(rows, dests):
-                done[rel] = self._land_one(view[offset:offset + size], dest, rel, sha, mode,
-                                           mtime, direct)
-                offset += size
-                if self.progress:
-                    self.progress(size)
-        except BaseException as err:   # what landed before the failure still counts
-            return done, offset, landed, err
-        return done, offset, landed, None
-
-    def _land_one(self, data, dest, rel, want_sha, mode, mtime, landed):
-        """Verified before anything is written; the temp file gets its data, mode and mtime
-        through one descriptor (created with its mode where the umask allows, else chmod).
-        `landed`: {dest: stat} to rename into now, else the Finisher renames (durably)."""
-        sha = hashlib.sha256(data).hexdigest()   # under BLOCK_THRESHOLD: no block digests
-        if sha != want_sha:
-            check_sha(rel, want_sha, sha)
-        perm = mode & 0o7777
-        tmp, fd = new_temp_file(dest, perm & 0o777)
-        try:
-            try:
-                write_all(fd, data)
-                if perm != perm & 0o777 & ~self.umask:
-                    os.fchmod(fd, perm)
-                os.utime(fd, ns=(mtime, mtime))
-                if landed is not None and len(data) < SWAP_MIN:   # else see Finisher._rename
-                    os.replace(tmp, dest)
-                    tmp = None
-                    landed[dest] = os.fstat(fd)   # the ctime the rename set, as lstat sees it
-            finally:
-                os.close(fd)
-            if tmp is not None:
-                self.finisher.submit(tmp, dest, len(data))
-        except BaseException:
-            if tmp is not None:
-                unlink_quiet(tmp)
-            raise
-        return sha, None
+        self.futures.append(self.pool.submit(land_pack, rows, dests, data, self.umask,
+                                             self.finisher, self.progress))
 
     def drain(self, verified, report, raise_failure=True):
         first = None
@@ -177,3 +137,53 @@ class PackLander:
         """Wait for every queued pack (after a failure elsewhere: theirs is not raised)."""
         self.drain(verified, report, raise_failure=False)
         self.pool.shutdown(wait=True)
+
+
+def land_pack(rows, dests, data, umask, finisher, progress=None):
+    """Land one pack's files: (done {rel: (sha256, None)}, bytes landed, landed {dest: stat},
+    the exception that stopped it or None; what landed before a failure still counts).
+    Without durability (or a Finisher) each file is renamed here and its stat taken through its
+    descriptor (no path lookup, and surely our file); else the Finisher renames, durably."""
+    view, offset, done = memoryview(data), 0, {}
+    landed: dict = {}
+    direct = landed if finisher is None or not finisher.durable else None
+    try:
+        for (rel, size, mode, mtime, sha), dest in zip(rows, dests):
+            done[rel] = _land_one(view[offset:offset + size], dest, rel, sha, mode, mtime,
+                                  umask, direct, finisher)
+            offset += size
+            if progress:
+                progress(size)
+    except BaseException as err:
+        return done, offset, landed, err
+    return done, offset, landed, None
+
+
+def _land_one(data, dest, rel, want_sha, mode, mtime, umask, landed, finisher):
+    """Verified before anything is written; the temp file gets its data, mode and mtime
+    through one descriptor (created with its mode where the umask allows, else chmod)."""
+    sha = hashlib.sha256(data).hexdigest()   # under BLOCK_THRESHOLD: no block digests
+    if sha != want_sha:
+        check_sha(rel, want_sha, sha)
+    perm = mode & 0o7777
+    tmp, fd = new_temp_file(dest, perm & 0o777)
+    try:
+        try:
+            write_all(fd, data)
+            if perm != perm & 0o777 & ~umask:
+                os.fchmod(fd, perm)
+            os.utime(fd, ns=(mtime, mtime))
+            # A file of SWAP_MIN or more replacing another goes through Finisher._rename.
+            if landed is not None and (finisher is None or len(data) < SWAP_MIN):
+                os.replace(tmp, dest)
+                tmp = None
+                landed[dest] = os.fstat(fd)   # the ctime the rename set, as lstat sees it
+        finally:
+            os.close(fd)
+        if tmp is not None:
+            finisher.submit(tmp, dest, len(data))
+    except BaseException:
+        if tmp is not None:
+            unlink_quiet(tmp)
+        raise
+    return sha, None

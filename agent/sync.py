@@ -51,7 +51,7 @@ def receive(args):
     """A sync stream on stdin, applied under DIR; answers {files, bytes, deleted}."""
     d = sync_dir(args)
     return apply_stream(d, sys.stdin.buffer, args.delete, cache_file(d, args.root),
-                        durable=args.durable)
+                        durable=args.durable, forked=True)
 
 
 @verb("send", DIR, output="stream")

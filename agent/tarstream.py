@@ -28,6 +28,7 @@ from .manifest import (
     load_cache,
     update_cache,
 )
+from .packforks import ForkedPackLander
 from .packs import SMALL_FILE, Pack, PackLander, pack_index
 from .patch import patch_from_cache
 from .protocol import AgentError
@@ -87,11 +88,12 @@ def write_stream(top, ops, out, manifest):
 
 def _write_stream(top, ops, out, manifest):
     tar = TarWriter(out)
-    pack, hashed = Pack(tar), {}
+    hashed: dict = {}
+    pack, files = Pack(tar, hashed), manifest["files"]
     for op in ops:
-        entry = manifest["files"].get(op["path"]) if op["op"] == "file" else None
+        entry = files.get(op["path"]) if op["op"] == "file" else None
         if entry is not None and entry["size"] <= SMALL_FILE and "base_blocks" not in op:
-            hashed.update(pack.add(top, check_rel(op["path"]), entry))
+            pack.add(top, check_rel(op["path"]), entry)
             continue
         pack.send()   # members keep the order of their ops
         hashed.update(_add_op(tar, top, op, manifest) or {})
@@ -322,14 +324,16 @@ def _check_member(member):
 
 
 def apply_stream(top, instream, allow_delete=False, cache_file=None, progress=None,
-                 durable=True):
+                 durable=True, forked=False):
     """Apply a sync stream under top. Returns counts; files verified land by rename, made
-    durable first when `durable` (see agent.landing.Finisher)."""
+    durable first when `durable` (see agent.landing.Finisher). `forked`: packs land in forked
+    processes where that is safe (agent.packforks; the agent's `receive` only)."""
     with gc_paused():   # objects by the file, no cycles: see manifest.gc_paused
-        return _apply_stream(top, instream, allow_delete, cache_file, progress, durable)
+        return _apply_stream(top, instream, allow_delete, cache_file, progress, durable,
+                             forked)
 
 
-def _apply_stream(top, instream, allow_delete, cache_file, progress, durable):
+def _apply_stream(top, instream, allow_delete, cache_file, progress, durable, forked):
     tar = TarReader(instream)
     try:   # nothing is made on this side before a stream has begun (a push may give up first)
         first = tar.next()
@@ -339,7 +343,8 @@ def _apply_stream(top, instream, allow_delete, cache_file, progress, durable):
     top = os.path.realpath(top)
     clean_stale_tmp(top)
     report, finisher = {"files": 0, "bytes": 0, "deleted": 0}, Finisher(top, durable)
-    packs = PackLander(finisher, progress)
+    packs = ForkedPackLander(finisher) if forked and not durable and progress is None \
+        else PackLander(finisher, progress)
     verified: dict = {}
     cache = load_cache(cache_file) if cache_file else {}
     pending: list = []   # at most one file waiting for its `commit` member
@@ -357,6 +362,7 @@ def _apply_stream(top, instream, allow_delete, cache_file, progress, durable):
                 unlink_quiet(tmp)
             packs.close(verified, report)   # packs still landing after a failure: wait
             finisher.close()   # files verified before a failure still land
+            report["landing_processes"] = packs.processes
     except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
         raise _damaged(err) from err
     except OSError as err:
