@@ -168,17 +168,20 @@ def _block_digests(fd, size, threads):
 
 
 def _walk(top, builtin):
-    """(rel, lstat) for every entry under top, never following symlinks."""
+    """(rel, lstat) for every entry under top, never following symlinks (ignored_name, inlined:
+    this runs for every entry of every scan)."""
     stack = [("", top)]
+    is_dir_mode = stat.S_ISDIR
     while stack:
         rel_dir, path = stack.pop()
         with os.scandir(path) as it:
             for e in it:
                 st = e.stat(follow_symlinks=False)
-                is_dir = stat.S_ISDIR(st.st_mode)
-                if ignored_name(e.name, is_dir, builtin):
+                is_dir, name = is_dir_mode(st.st_mode), e.name
+                if name.startswith(TMP_PREFIX) or builtin and (
+                        name in IGNORED_DIRS if is_dir else name.endswith(".pyc")):
                     continue
-                rel = rel_dir + e.name
+                rel = rel_dir + name
                 yield rel, st
                 if is_dir:
                     stack.append((rel + "/", e.path))
@@ -268,7 +271,7 @@ def gc_paused():
 def scan(top, cache_file=None, builtin_ignores=True, need_hash=None, on_file=None):
     """Manifest {files: {rel: entry}, dirs: {rel: mode}, links: {rel: target}} of a tree.
     need_hash(rel, stat) -> False leaves an uncached file's sha256 None (see write_stream).
-    on_file(stat) is called for each regular file as the scan finds it."""
+    on_file(stat) is called for each regular file as the scan finds it, until it returns True."""
     with gc_paused():
         return _scan(top, cache_file, builtin_ignores, need_hash, on_file)
 
@@ -309,18 +312,30 @@ def _scan(top, cache_file, builtin_ignores, need_hash, on_file):
         return manifest
     cache = load_cache(cache_file) if cache_file else {}
     new_cache, fresh_before = {}, time.time_ns() - 1000000000
+    is_reg, is_dir, is_link = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
     for rel, st in _walk(top, builtin_ignores):
-        if stat.S_ISDIR(st.st_mode):
-            dirs[rel] = stat.S_IMODE(st.st_mode)
-        elif stat.S_ISLNK(st.st_mode):
-            links[rel] = os.readlink(os.path.join(top, rel))
-        elif stat.S_ISREG(st.st_mode):
-            entry, cached = _entry(top, st, cache, rel, fresh_before, need_hash)
+        mode = st.st_mode
+        if is_reg(mode):
+            hit = cache.get(rel)
+            if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns \
+                    and hit[2] == st.st_ino and hit[3] == st.st_ctime_ns \
+                    and hit[1] < fresh_before:   # _entry's cache hit, inlined: most files
+                entry = {"size": hit[0], "mtime_ns": hit[1], "mode": mode & 0o7777,
+                         "sha256": hit[4]}
+                if hit[5] is not None:
+                    entry["blocks"] = hit[5]
+                cached = hit
+            else:
+                entry, cached = _entry(top, st, cache, rel, fresh_before, need_hash)
             files[rel] = entry
-            if on_file:
-                on_file(st)
+            if on_file is not None and on_file(st):
+                on_file = None
             if cached:
                 new_cache[rel] = cached
+        elif is_dir(mode):
+            dirs[rel] = mode & 0o7777
+        elif is_link(mode):
+            links[rel] = os.readlink(os.path.join(top, rel))
     if cache_file and new_cache != cache:
         write_cache(cache_file, new_cache)
     return manifest
@@ -366,10 +381,12 @@ def plan(src, dst, delete):
     for rel, target in sorted(src["links"].items()):
         if dst["links"].get(rel) != target:
             ops.append({"op": "link", "path": rel, "target": target})
-    for rel, e in sorted(src["files"].items()):
-        old = dst["files"].get(rel)
-        if old and old["sha256"] == e["sha256"] and old["mode"] == e["mode"]:
-            continue
+    src_files, dst_files = src["files"], dst["files"]
+    changed = [rel for rel, e in src_files.items()   # sorted after: usually few or none
+               if (old := dst_files.get(rel)) is None or old["sha256"] != e["sha256"]
+               or old["mode"] != e["mode"]]
+    for rel in sorted(changed):
+        e, old = src_files[rel], dst_files.get(rel)
         op = {"op": "file", "path": rel}
         if old and old.get("blocks") and e.get("blocks"):
             op["base_blocks"] = old["blocks"]

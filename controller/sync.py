@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -132,17 +133,22 @@ class _EarlyReceiver:
     def __init__(self, pool: ThreadPoolExecutor, target: Target, args: list[str],
                  remote_job: Future):
         self.pool, self.target, self.args, self.remote_job = pool, target, args, remote_job
-        self.seen, self.opening = 0, None   # type: int, Future | None
+        self.seen, self.decided, self.opening = 0, False, None   # type: int, bool, Future | None
+        self.answered = threading.Event()   # is_set() takes no lock, unlike Future.done()
+        remote_job.add_done_callback(lambda _: self.answered.set())
 
-    def saw(self, st) -> None:
-        """Called by the scan for each local file."""
-        if self.opening is not None:
-            return
+    def saw(self, st) -> bool:
+        """Called by the scan for each local file until it returns True (decided): it runs
+        beside the thread taking the host's manifest in, so it does as little as it can."""
+        if self.decided:
+            return True
         self.seen += st.st_size
-        if self.seen > SESSION_STREAM_MAX and self.remote_job.done() \
-                and self.remote_job.exception() is None \
-                and not self.remote_job.result()["files"]:
+        if self.seen <= SESSION_STREAM_MAX or not self.answered.is_set():
+            return False
+        self.decided = True
+        if self.remote_job.exception() is None and not self.remote_job.result()["files"]:
             self.opening = self.pool.submit(self.target.agent_stream, *self.args)
+        return True
 
     def stream(self) -> Stream | None:
         """The receiver started early (its start's error, if any, raised here), else None."""
@@ -174,7 +180,7 @@ def local_cache_file(local_dir) -> str:
 def _keeper(ignore_root: Path | None, paths, exclude=()):
     """A function filtering a manifest by .cubeignore (plus built-ins), requested paths and
     excluded folders."""
-    spec = _ignore_spec(ignore_root) if ignore_root else None
+    ignored = ignore_matcher(_ignore_spec(ignore_root)) if ignore_root else None
     prefixes = [_agent_call(agent.check_rel, p) for p in paths] if paths else None
     excluded = [_agent_call(agent.check_rel, p) for p in exclude]
 
@@ -187,8 +193,8 @@ def _keeper(ignore_root: Path | None, paths, exclude=()):
         answer = known.get((rel, is_dir))
         if answer is None:
             answer = known[rel, is_dir] = not (
-                (prefixes and not under(rel, prefixes)) or under(rel, excluded)
-                or (spec and spec.match_file(rel + "/" if is_dir else rel)))
+                (prefixes and not under(rel, prefixes)) or (excluded and under(rel, excluded))
+                or (ignored and ignored(rel + "/" if is_dir else rel)))
         return answer
 
     def keep(m: dict) -> dict:
@@ -197,6 +203,17 @@ def _keeper(ignore_root: Path | None, paths, exclude=()):
                 "links": {r: t for r, t in m["links"].items() if wanted(r, False)},
                 "dirs": {r: d for r, d in m["dirs"].items() if wanted(r, True)}}
     return keep
+
+
+def ignore_matcher(spec: pathspec.GitIgnoreSpec):
+    """spec.match_file for normalised relative paths. Without negated patterns (`!x`) a path
+    is ignored exactly when one pattern's regex matches it, and testing those directly costs a
+    seventh of match_file's bookkeeping (7 us a path here, for 10,000s of paths a push)."""
+    patterns = [p for p in spec.patterns if p.include is not None]
+    if not all(p.include for p in patterns):
+        return spec.match_file
+    searches = [regex.search for p in patterns if (regex := p.regex) is not None]
+    return lambda path: any(search(path) for search in searches)
 
 
 def _ignore_spec(root: Path):

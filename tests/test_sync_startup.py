@@ -1,6 +1,7 @@
 """What a push does before and around its bytes, where most of a many-small-files push went:
 the host's receiver starts while a first push still scans, bulk agent processes start lean,
-paths already in normal form are checked by one match, and files landed without durability are
+paths already in normal form are checked by one match, .cubeignore is matched without
+pathspec's per-path bookkeeping where it can be, and files landed without durability are
 cached with the stat a later scan will see."""
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ import io
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
 
+import pathspec
 import pytest
 
 from agent import manifest
@@ -48,7 +51,7 @@ class Watch:
 
     def __init__(self, monkeypatch, conn):
         self.calls: list[tuple] = []
-        self.found, self.seen, self.hold = 0, 0, False
+        self.found, self.seen, self.hold, self.forward = 0, 0, False, None
         self.answered, self.streamed = threading.Event(), threading.Event()
         real_scan, real_stream, real_agent = agent.scan, conn.agent_stream, conn.agent
 
@@ -66,20 +69,23 @@ class Watch:
         def scan(*args, on_file=None, **kw):
             self.found = self.seen = 0
             self.streamed.clear()
-            return real_scan(*args, on_file=lambda st: self.saw(st, on_file), **kw)
+            self.forward = on_file
+            return real_scan(*args, on_file=self.saw, **kw)
 
         monkeypatch.setattr(conn, "agent", agent_verb)
         monkeypatch.setattr(conn, "agent_stream", stream)
         monkeypatch.setattr(sync.agent, "scan", scan)
 
-    def saw(self, st, on_file):
+    def saw(self, st):
+        """Counts every file; passes each to the push's own on_file until that has decided."""
         assert self.answered.wait(60)
         self.found += 1
         self.seen += st.st_size
-        if on_file:
-            on_file(st)
+        if self.forward is not None and self.forward(st):
+            self.forward = None
         if self.hold and self.seen > SESSION_STREAM_MAX:
             self.streamed.wait(30)   # a correct push asks at once; a wrong one fails below
+        return False
 
 
 def test_a_first_push_starts_the_hosts_receiver_while_it_still_scans(big_tree, conn,
@@ -178,3 +184,23 @@ def test_landed_files_are_cached_with_the_stat_a_later_scan_sees(tmp_path, durab
     assert agent.scan(str(dst), cache)["files"].keys() == mine["files"].keys()
     assert agent.HASH_STATS == before   # nothing read again
     assert tree(dst) == tree(src)
+
+
+def test_the_ignore_matcher_decides_as_pathspec_does():
+    """Without negated patterns sync tests the patterns' regexes directly; with them it asks
+    pathspec. Either way each path gets pathspec's own answer."""
+    patterns = ["*.bin", "data/", "/top.txt", "**/cache/**", "a/**/b", "*.py[co]", "build",
+                "x?y", "[ab]*.log", "docs/*.md", ".cubeignore", "#note", "", "d/sub/",
+                "!keep.bin"]
+    names = ["a.bin", "data", "top.txt", "cache", "b", "x1y", "a.log", "c.log", "r.md", "docs",
+             "build", "keep.bin", "m.pyc", ".cubeignore", "sub", "d", "a"]
+    rnd = random.Random(3)
+    paths = {"/".join(rnd.choice(names) for _ in range(rnd.randint(1, 4))) for _ in range(1500)}
+    paths |= {p + "/" for p in paths}
+    shortcuts = 0
+    for _ in range(80):
+        spec = pathspec.GitIgnoreSpec.from_lines(rnd.sample(patterns, rnd.randint(1, 6)))
+        ignored = sync.ignore_matcher(spec)
+        shortcuts += ignored != spec.match_file
+        assert all(bool(ignored(p)) == spec.match_file(p) for p in paths)
+    assert 0 < shortcuts < 80   # both ways were taken
