@@ -349,12 +349,13 @@ def record_hashes(cache_file, entries):
         write_cache(cache_file, cache)
 
 
-def update_cache(cache_file, entries):
-    """Record hashes the receiver just verified, {rel: (lstat after landing, sha256, blocks)},
-    so that its next manifest does not read those files again."""
-    if not cache_file or not entries:
+def update_cache(cache_file, entries, rows=None):
+    """Record hashes the receiver just verified, {rel: (lstat after landing, sha256, blocks)}
+    and {rel: row} already made, so that its next manifest does not read those files again."""
+    if not cache_file or not (entries or rows):
         return
     cache = load_cache(cache_file)
+    cache.update(rows or {})   # (a row only vouches while its file's stat still matches)
     for rel, (st, sha, blocks) in entries.items():
         cache[rel] = cache_key(st) + [sha, blocks]
     write_cache(cache_file, cache)

@@ -58,7 +58,8 @@ class Pack:
     def send(self):
         if self.index:
             records = {"CUBE.op": "pack", "CUBE.index": json.dumps(self.index)}
-            self.tar.addfile(Member(self.index[0][0], self.size, records), self.data)
+            # One piece: written as it is (TarWriter copies smaller pieces into its buffer).
+            self.tar.addfile(Member(self.index[0][0], self.size, records), [b"".join(self.data)])
             self.index, self.data, self.size = [], [], 0
 
 
@@ -112,6 +113,7 @@ class PackLander:
         self.futures: list = []
         self.umask = current_umask()
         self.processes = 0   # threads only (agent.packforks forks)
+        self.cache_rows: dict = {}   # (agent.packforks): here, what landed is in the Finisher
 
     def land(self, rows, dests, data):
         if len(self.futures) >= self.IN_FLIGHT:   # bound the memory held by queued packs

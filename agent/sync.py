@@ -24,6 +24,7 @@ from .manifest import (
     scan,
     to_wire,
 )
+from .packforks import widen_pipe
 from .protocol import AgentError, arg, verb
 from .tarstream import apply_stream, write_stream
 
@@ -50,6 +51,10 @@ def manifest(args):
 def receive(args):
     """A sync stream on stdin, applied under DIR; answers {files, bytes, deleted}."""
     d = sync_dir(args)
+    try:   # sshd's pipe to us: 1 MiB at a time instead of 64 KiB
+        widen_pipe(sys.stdin.fileno())
+    except (OSError, ValueError):   # not a file descriptor (a session's request)
+        pass
     return apply_stream(d, sys.stdin.buffer, args.delete, cache_file(d, args.root),
                         durable=args.durable, forked=True)
 

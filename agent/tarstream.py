@@ -372,7 +372,7 @@ def _apply_stream(top, instream, allow_delete, cache_file, progress, durable, fo
         stats = finisher.landed
         update_cache(cache_file, {rel: (stats[top + "/" + rel], sha, blocks)
                                   for rel, (sha, blocks) in verified.items()
-                                  if top + "/" + rel in stats})
+                                  if top + "/" + rel in stats}, packs.cache_rows)
     return report
 
 

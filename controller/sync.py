@@ -113,11 +113,17 @@ def pull(target: Target, remote_dir: str, local_dir, *, paths=None,
 def _compared(remote_job):
     """Only files the host has in a comparable form need hashing before the stream; new ones
     are hashed while they stream (one read instead of two). Until the host's manifest arrives,
-    hash eagerly rather than wait for it."""
+    hash eagerly rather than wait for it. (Called for each uncached file: it asks the Future
+    nothing once the manifest is in, as each of its calls takes a lock.)"""
+    answered, files = threading.Event(), []   # type: threading.Event, list[dict]
+    remote_job.add_done_callback(lambda _: answered.set())
+
     def need_hash(rel: str, st) -> bool:
-        if not remote_job.done():
-            return True
-        theirs = remote_job.result()["files"].get(rel)
+        if not files:
+            if not answered.is_set():
+                return True
+            files.append(remote_job.result()["files"])
+        theirs = files[0].get(rel)
         return theirs is not None and (theirs["size"] == st.st_size or (
             "blocks" in theirs and st.st_size >= agent.BLOCK_THRESHOLD))
     return need_hash
@@ -213,6 +219,8 @@ def ignore_matcher(spec: pathspec.GitIgnoreSpec):
     if not all(p.include for p in patterns):
         return spec.match_file
     searches = [regex.search for p in patterns if (regex := p.regex) is not None]
+    if len(searches) == 1:   # .cubeignore itself, the usual whole list
+        return searches[0]
     return lambda path: any(search(path) for search in searches)
 
 
