@@ -14,8 +14,11 @@ ratios cube/rsync, then `tar c | ssh host tar x` of both trees as the raw-pipe f
 --runs N it also prints the medians.
 
 Fairness: both sides are warm, as within `cube remote run`. cube uses its open connection (and
-the OpenSSH master it starts for bulk streams, warmed before timing); rsync and the tar floor
-use a warm OpenSSH ControlMaster, so neither pays a handshake. rsync keeps OpenSSH's default
+the OpenSSH master it starts for bulk streams, warmed before timing, with the stream process it
+keeps ready after each bulk stream: controller.standby; the bench waits, untimed, until that is
+started, so that nothing of cube's runs beside a timing); rsync and the tar floor use a warm
+OpenSSH ControlMaster, so neither pays a handshake (but rsync pays its server's start, as it
+does on every call). rsync keeps OpenSSH's default
 cipher, as `rsync -a` users get it. Each step starts after `sync` (no tool pays for another's
 writeback), even runs time cube first and odd runs rsync first, and nothing is deleted until
 every run is over (on ext4, creating files soon after many were deleted costs more, and would
@@ -133,7 +136,9 @@ def cube_push(conn, ws: Path, remote: str) -> tuple[float, int]:
     settle()
     start = time.monotonic()
     report = sync.push(conn, ws, remote, progress=False, durable=DURABLE[0])
-    return time.monotonic() - start, report.bytes_sent
+    seconds = time.monotonic() - start
+    conn.standby.wait()   # the next spare's start (see below) runs beside no timing
+    return seconds, report.bytes_sent
 
 
 def cube_pull(conn, remote: str, local: Path) -> tuple[float, int]:
@@ -141,7 +146,9 @@ def cube_pull(conn, remote: str, local: Path) -> tuple[float, int]:
     settle()
     start = time.monotonic()
     report = sync.pull(conn, remote, local, progress=False)
-    return time.monotonic() - start, report.bytes_sent
+    seconds = time.monotonic() - start
+    conn.standby.wait()
+    return seconds, report.bytes_sent
 
 
 def build_small_tree(top: Path, count: int, seed: int = 11) -> None:
@@ -231,6 +238,7 @@ def big_test(conn, rsync: Rsync, tmp: Path, root: str, size: int) -> None:
     start = time.monotonic()
     report = sync.pull(conn, cube_dir, back, progress=False)
     pull = (time.monotonic() - start, report.bytes_sent)
+    conn.standby.wait()
     local = hashlib.sha256()
     with open(back / "huge.bin", "rb") as f:
         for chunk in iter(lambda: f.read(64 * MiB), b""):

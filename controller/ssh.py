@@ -371,6 +371,11 @@ class SSHConnection:
                                  "Reconnect and retry.") from None
 
 
+    def openssh_stream(self, command: str) -> streams.ProcessStream | None:
+        """open_stream through OpenSSH's client only; None where bulk streams use paramiko."""
+        bulk = self._openssh_bulk()
+        return bulk.open_stream(command) if bulk is not None else None
+
     def _openssh_bulk(self) -> ssh_bulk.OpenSSHBulk | None:
         """The OpenSSH master for bulk streams, started on first use, pinned to the host key
         this connection verified; None where OpenSSH cannot be used."""

@@ -161,11 +161,15 @@ class _EarlyReceiver:
         return self.opening.result() if self.opening is not None else None
 
     def discard(self) -> None:
-        """The push failed before sending: end the receiver without a stream (it lands
-        nothing)."""
+        """The push failed before sending: end the receiver by an empty stream, which it
+        leaves by itself having made nothing (no kill while the host's login shell may still
+        be starting: see controller.standby.end_gently)."""
         if self.opening is not None:
             try:
-                self.opening.result().close()
+                stream = self.opening.result()
+                stream.close_stdin()
+                stream.wait()
+                stream.close()
             except Exception:   # noqa: BLE001 (already failing: the first error is the one to report)
                 pass
 

@@ -19,6 +19,7 @@ from controller.agent_client import AgentClient
 from controller.errors import CubeError
 from controller.hosts import HostSpec, resolve_host
 from controller.ssh import ConnectionLost, SSHConnection, connect_ssh, openssh_shell_argv, store_host_key
+from controller.standby import RefillOnClose, Standby
 from controller.target import ExecResult
 
 __all__ = ["ConnectionLost", "HostTarget", "connect", "openssh_shell_argv", "store_host_key"]
@@ -40,6 +41,8 @@ class HostTarget:
     def __init__(self, ssh: SSHConnection):
         self.ssh = ssh
         self.agent_client = AgentClient(ssh, ssh.spec.root)
+        self.standby = Standby(lambda: shlex.join(self.agent_argv("standby")),
+                               self.ssh.openssh_stream)
 
     def __enter__(self):
         return self
@@ -70,6 +73,7 @@ class HostTarget:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def reconnect(self, connect_timeout: float | None = None) -> None:
+        self.standby.reopen()
         self.agent_client.close()
         self.ssh.reconnect(connect_timeout)
 
@@ -77,6 +81,7 @@ class HostTarget:
         return self.ssh.is_alive(probe_timeout)
 
     def close(self) -> None:
+        self.standby.close()
         self.agent_client.close()
         self.ssh.close()
 
@@ -117,7 +122,8 @@ class HostTarget:
         inside the agent session instead of costing a new SSH command."""
         if size is not None and size <= streams.SESSION_STREAM_MAX:
             return streams.SessionStream(self.agent_client.exchange, [verb, *args])
-        return self.open_stream(self.agent_argv(verb, *args))
+        stream = self.standby.take(verb, args) or self.open_stream(self.agent_argv(verb, *args))
+        return RefillOnClose(stream, self.standby)   # the next one starts warm (controller.standby)
 
     # -- the agent's presence (tests and benchmarks) ---------------------------------------------
 

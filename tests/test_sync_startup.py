@@ -204,3 +204,19 @@ def test_the_ignore_matcher_decides_as_pathspec_does():
         shortcuts += ignored != spec.match_file
         assert all(bool(ignored(p)) == spec.match_file(p) for p in paths)
     assert 0 < shortcuts < 80   # both ways were taken
+
+
+def test_a_standby_agent_runs_the_stream_verb_it_is_handed_and_nothing_else(conn, big_tree):
+    """controller.standby keeps `standby` agents waiting: the first line names a stream verb,
+    the rest of stdin is that verb's; EOF first ends it quietly; any other verb is refused."""
+    sync.push(conn, big_tree, "cubes/c")
+
+    def standby(stdin: bytes):
+        return subprocess.run([sys.executable, AGENT, "--root", conn.root, "standby"],
+                              input=stdin, capture_output=True)
+    quiet = standby(b"")
+    assert quiet.returncode == 0 and quiet.stdout == b""
+    refused = standby(b'{"verb": "prune", "args": []}\n')
+    assert refused.returncode == 1 and b"standby: the first line" in refused.stdout
+    sent = standby(b'{"verb": "send", "args": ["cubes/c"]}\n[{"op": "file", "path": "main.py"}]')
+    assert sent.returncode == 0 and b"print('hi')" in sent.stdout
