@@ -52,7 +52,7 @@ class ForkedPackLander:
         self.finisher, self.umask = finisher, current_umask()
         self.children: list = []
         self.turn = 0
-        self.results: list = []   # (done, size, landed, error) answers not yet drained
+        self.results: list = []   # (cache rows, bytes, error) answers not yet drained
         self.threads = None
         self.processes = 0   # how many landing processes this receive forked
         # {rel: hash-cache row} of what the children landed: rows built by them, from the stat
