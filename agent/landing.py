@@ -6,6 +6,7 @@ by side (see Finisher). agent.tarstream hands files over as they pass their chec
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
 import stat
@@ -31,6 +32,19 @@ def new_temp_file(dest, mode=0o600):
     existing file or a symlink's target."""
     tmp = temp_name(dest)
     return tmp, os.open(tmp, _OPEN_NEW, mode)
+
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Linux; Python >= 3.10 names it
+PIPE_SIZE = 1 << 20   # the most an unprivileged process may ask for, by default
+
+
+def widen_pipe(fd):
+    """A 1 MiB pipe instead of 64 KiB: fewer wake-ups on both ends (a 4 MiB pack crosses in
+    4, not 64). Best effort (Linux only, capped by /proc/sys/fs/pipe-max-size)."""
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
 
 
 def check_sha(rel, want_sha, got_sha):

@@ -70,12 +70,6 @@ def check_link(rel, target):
     return target
 
 
-def ignored_name(name, is_dir, builtin):
-    if name.startswith(TMP_PREFIX):
-        return True
-    return builtin and (name in IGNORED_DIRS if is_dir else name.endswith(".pyc"))
-
-
 def list_digest(blocks):
     """The digest of a large file: sha256 over its block digests (hex strings), in order."""
     return hashlib.sha256(bytes.fromhex("".join(blocks))).hexdigest()
@@ -168,8 +162,9 @@ def _block_digests(fd, size, threads):
 
 
 def _walk(top, builtin):
-    """(rel, lstat) for every entry under top, never following symlinks (ignored_name, inlined:
-    this runs for every entry of every scan)."""
+    """(rel, lstat) for every entry under top, never following symlinks, less temp files and,
+    with `builtin`, IGNORED_DIRS and *.pyc (checked inline: this runs for every entry of every
+    scan)."""
     stack = [("", top)]
     is_dir_mode = stat.S_ISDIR
     while stack:

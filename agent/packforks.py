@@ -19,13 +19,12 @@ one thread (the agent's `receive`), never in the controller.
 
 from __future__ import annotations
 
-import fcntl
 import marshal
 import os
 import struct
 import threading
 
-from .landing import write_all
+from .landing import widen_pipe, write_all
 from .manifest import cache_key
 from .packs import PackLander, current_umask, land_pack
 from .protocol import AgentError
@@ -137,19 +136,6 @@ class ForkedPackLander:
                 os.close(child.from_child)
                 os.waitpid(child.pid, 0)
             self.children = []
-
-
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Linux; Python >= 3.10 names it
-PIPE_SIZE = 1 << 20   # the most an unprivileged process may ask for, by default
-
-
-def widen_pipe(fd):
-    """A 1 MiB pipe instead of 64 KiB: a 4 MiB pack crosses in 4 wake-ups, not 64. Best
-    effort (Linux only, and capped by /proc/sys/fs/pipe-max-size)."""
-    try:
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
 
 
 def _serve(task_r, result_w, umask):

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from .landing import widen_pipe
 from .manifest import (
     BLOCK_SIZE,
     BLOCK_THRESHOLD,
@@ -24,7 +25,6 @@ from .manifest import (
     scan,
     to_wire,
 )
-from .packforks import widen_pipe
 from .protocol import AgentError, arg, verb
 from .tarstream import apply_stream, write_stream
 

@@ -17,8 +17,6 @@ binary, a ProxyJump host, CUBE_BULK=paramiko) leave bulk streams on paramiko's c
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -28,6 +26,7 @@ import time
 
 import paramiko
 
+from agent.landing import widen_pipe
 from controller.errors import CubeError
 from controller.hosts import HostSpec
 from controller.streams import ProcessStream
@@ -39,7 +38,6 @@ ALIAS = "cube-pinned-host"
 CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
            "aes128-ctr,aes192-ctr,aes256-ctr")
 KEY_ALGORITHMS = {"ssh-rsa": "rsa-sha2-512,rsa-sha2-256,ssh-rsa"}
-PIPE_SIZE = 1 << 20            # fewer wake-ups per GiB than the default 64 KiB pipe
 KEY_REFUSED = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED",
                "Host key for", "No matching host key")
 
@@ -117,8 +115,8 @@ class OpenSSHBulk:
         """Run a (quoted) command over the master; its stdin/stdout carry the bytes."""
         stream = ProcessStream(self.argv("-o", "ControlMaster=no", command=command))
         for pipe in (stream.proc.stdin, stream.proc.stdout):
-            with contextlib.suppress(OSError, AttributeError):
-                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[union-attr]
+            if pipe is not None:
+                widen_pipe(pipe.fileno())
         return stream
 
     def close(self) -> None:

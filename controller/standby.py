@@ -33,6 +33,7 @@ class Standby:
         self._spare: ProcessStream | None = None
         self._filling: threading.Thread | None = None
         self._closed = False
+        self._unavailable = False   # open() gave None: this connection's streams use paramiko
 
     def take(self, verb: str, args) -> Stream | None:
         """The spare, now running `verb args`; None when there is none ready."""
@@ -49,7 +50,7 @@ class Standby:
     def refill(self) -> None:
         """Start a spare in the background unless one is there or on its way."""
         with self._lock:
-            if self._closed or self._spare is not None or (
+            if self._closed or self._unavailable or self._spare is not None or (
                     self._filling is not None and self._filling.is_alive()):
                 return
         try:
@@ -67,6 +68,7 @@ class Standby:
         except Exception:   # noqa: BLE001 (a later stream starts as before, and reports it)
             return
         with self._lock:
+            self._unavailable = stream is None
             keep = stream is not None and not self._closed and self._spare is None
             if keep:
                 self._spare = stream
@@ -93,7 +95,7 @@ class Standby:
         """After a reconnect: the old spare went with the old master; keep spares again."""
         self.close()
         with self._lock:
-            self._closed = False
+            self._closed = self._unavailable = False
 
 
 def end_gently(stream: ProcessStream, grace: float = 2.0) -> None:

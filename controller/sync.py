@@ -110,13 +110,20 @@ def pull(target: Target, remote_dir: str, local_dir, *, paths=None,
     return SyncReport(result["files"], received, 0, time.monotonic() - start)
 
 
+def _answered(job: Future) -> threading.Event:
+    """Set once job is done: is_set() takes no lock, unlike Future.done(), and the scan asks
+    for each of 10,000s of files."""
+    done = threading.Event()
+    job.add_done_callback(lambda _: done.set())
+    return done
+
+
 def _compared(remote_job):
     """Only files the host has in a comparable form need hashing before the stream; new ones
     are hashed while they stream (one read instead of two). Until the host's manifest arrives,
     hash eagerly rather than wait for it. (Called for each uncached file: it asks the Future
     nothing once the manifest is in, as each of its calls takes a lock.)"""
-    answered, files = threading.Event(), []   # type: threading.Event, list[dict]
-    remote_job.add_done_callback(lambda _: answered.set())
+    answered, files = _answered(remote_job), []   # type: threading.Event, list[dict]
 
     def need_hash(rel: str, st) -> bool:
         if not files:
@@ -140,8 +147,7 @@ class _EarlyReceiver:
                  remote_job: Future):
         self.pool, self.target, self.args, self.remote_job = pool, target, args, remote_job
         self.seen, self.decided, self.opening = 0, False, None   # type: int, bool, Future | None
-        self.answered = threading.Event()   # is_set() takes no lock, unlike Future.done()
-        remote_job.add_done_callback(lambda _: self.answered.set())
+        self.answered = _answered(remote_job)
 
     def saw(self, st) -> bool:
         """Called by the scan for each local file until it returns True (decided): it runs
